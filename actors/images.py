@@ -1,0 +1,78 @@
+"""Image synthesis: K candidate images per prompt from any diffusers pipeline, over a list of guidance scales."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from actors.prompts import candidate_seed
+from actors.runtime import device_for, png_bytes, setup_torch, torch_dtype, with_columns
+
+
+@dataclass
+class ImagesConfig:
+    model: str = ""                    # diffusers pipeline: hub id or local folder
+    guidance_scales: list[float] = field(default_factory=lambda: [5.0, 7.0, 9.0, 11.0])
+    per_scale: int = 1                 # candidates per guidance scale
+    steps: int = 28
+    height: int = 1024
+    width: int = 1024
+    dtype: str = "float32"             # float16 / bfloat16 on GPU
+    device: str = "auto"
+    seed: int = 0
+    negative_prompt: str | None = None
+
+    def validate(self) -> list[str]:
+        errs = []
+        if not self.model:
+            errs.append("images.model: required")
+        if not self.guidance_scales:
+            errs.append("images.guidance_scales: must list at least one guidance scale")
+        if self.per_scale < 1 or self.steps < 1 or self.height < 8 or self.width < 8:
+            errs.append("images: per_scale and steps must be >= 1, height and width >= 8")
+        return errs
+
+    @property
+    def num_candidates(self) -> int:
+        return len(self.guidance_scales) * self.per_scale
+
+
+class ImageSynthesis:
+    REQUIRES = ("prompt_id", "image_prompt")
+    ADDS = ("candidate_images", "candidate_seeds", "candidate_guidance")
+
+    def __init__(self, cfg: ImagesConfig, threads: int = 1):
+        torch = setup_torch(threads)
+        from diffusers import DiffusionPipeline
+        self.cfg, self.torch = cfg, torch
+        self.device = device_for(cfg.device)
+        self.pipe = DiffusionPipeline.from_pretrained(cfg.model, torch_dtype=torch_dtype(cfg.dtype))
+        self.pipe.to(self.device)
+        self.pipe.set_progress_bar_config(disable=True)
+
+    def render(self, prompt: str, guidance: float, seed: int):
+        gen = self.torch.Generator(device="cpu").manual_seed(seed)
+        kwargs = dict(prompt=prompt, guidance_scale=guidance, num_inference_steps=self.cfg.steps,
+                      height=self.cfg.height, width=self.cfg.width, generator=gen)
+        if self.cfg.negative_prompt:
+            kwargs["negative_prompt"] = self.cfg.negative_prompt
+        return self.pipe(**kwargs).images[0]
+
+    def __call__(self, batch):
+        images, seeds, scales = [], [], []
+        for pid, prompt in zip(batch.column("prompt_id").to_pylist(), batch.column("image_prompt").to_pylist()):
+            row_imgs, row_seeds, row_scales = [], [], []
+            # One call per candidate: the bytes then depend only on (prompt_id, k), never on how
+            # Ray Data happened to batch the rows.
+            for k in range(self.cfg.num_candidates):
+                g = self.cfg.guidance_scales[k // self.cfg.per_scale]
+                s = candidate_seed(pid, k, self.cfg.seed)
+                with self.torch.inference_mode():
+                    row_imgs.append(png_bytes(self.render(prompt, g, s)))
+                row_seeds.append(s)
+                row_scales.append(float(g))
+            images.append(row_imgs)
+            seeds.append(row_seeds)
+            scales.append(row_scales)
+        import pyarrow as pa
+        return with_columns(batch, {"candidate_images": pa.array(images, pa.list_(pa.binary())),
+                                    "candidate_seeds": pa.array(seeds, pa.list_(pa.int64())),
+                                    "candidate_guidance": pa.array(scales, pa.list_(pa.float64()))})

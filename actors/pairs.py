@@ -1,0 +1,64 @@
+"""Preference pairs: per (image, question), chosen = highest combined reward, rejected = lowest."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from actors.runtime import with_columns
+
+DROP_REASONS = ("too_few_answers", "identical", "below_margin", "non_finite_reward")
+
+
+@dataclass
+class PairsConfig:
+    min_margin: float = 0.0            # in combined-reward units (z-scores weighted)
+
+    def validate(self) -> list[str]:
+        return [] if self.min_margin >= 0 else ["pairs.min_margin: must be >= 0"]
+
+
+def choose(answers: list[str], models: list[str], rewards: list[float], min_margin: float):
+    """(chosen index, rejected index, drop reason or None)."""
+    idx = [i for i, a in enumerate(answers) if a.strip()]
+    if any(not math.isfinite(rewards[i]) for i in idx):
+        return None, None, "non_finite_reward"
+    if len({answers[i] for i in idx}) < 2:
+        return None, None, "too_few_answers" if len(idx) < 2 else "identical"
+    best = max(idx, key=lambda i: rewards[i])
+    worst = min(idx, key=lambda i: rewards[i])
+    if answers[best] == answers[worst]:
+        return None, None, "identical"
+    if rewards[best] - rewards[worst] < min_margin:
+        return best, worst, "below_margin"
+    return best, worst, None
+
+
+class PairBuilder:
+    REQUIRES = ("pair_key", "answers", "answer_models", "reward")
+    ADDS = ("pair_id", "chosen", "rejected", "chosen_reward", "rejected_reward", "margin",
+            "chosen_model", "rejected_model", "drop_reason")
+
+    def __init__(self, cfg: PairsConfig):
+        self.cfg = cfg
+
+    def __call__(self, batch):
+        out = {k: [] for k in self.ADDS}
+        for key, answers, models, rewards in zip(
+                batch.column("pair_key").to_pylist(), batch.column("answers").to_pylist(),
+                batch.column("answer_models").to_pylist(), batch.column("reward").to_pylist()):
+            b, w, reason = choose(answers, models, rewards, self.cfg.min_margin)
+            found = b is not None
+            out["pair_id"].append(key)
+            out["chosen"].append(answers[b] if found else None)
+            out["rejected"].append(answers[w] if found else None)
+            out["chosen_reward"].append(float(rewards[b]) if found else None)
+            out["rejected_reward"].append(float(rewards[w]) if found else None)
+            out["margin"].append(float(rewards[b] - rewards[w]) if found else None)
+            out["chosen_model"].append(models[b] if found else None)
+            out["rejected_model"].append(models[w] if found else None)
+            out["drop_reason"].append(reason)
+        import pyarrow as pa
+        typed = {k: pa.array(v, pa.float64()) for k, v in out.items()
+                 if k in ("chosen_reward", "rejected_reward", "margin")}
+        typed.update({k: pa.array(v, pa.string()) for k, v in out.items() if k not in typed})
+        return with_columns(batch, typed)

@@ -1,0 +1,200 @@
+"""Prompt source: a seeded, controllable generator or the user's files.
+
+A row: `prompt_id`, `image_prompt` (text-to-image), `instructions` (questions about the image) and
+`gt_objects` (the COCO classes the prompt puts in the image, which the hallucination reward and
+controlled POPE rely on). Prompts are cheap, so they are built on the driver, where a bad row can be
+reported with its file and line.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from actors.errors import InputError
+
+COCO_CLASSES = (
+    "person bicycle car motorcycle airplane bus train truck boat traffic_light fire_hydrant stop_sign "
+    "parking_meter bench bird cat dog horse sheep cow elephant bear zebra giraffe backpack umbrella "
+    "handbag tie suitcase frisbee skis snowboard sports_ball kite baseball_bat baseball_glove skateboard "
+    "surfboard tennis_racket bottle wine_glass cup fork knife spoon bowl banana apple sandwich orange "
+    "broccoli carrot hot_dog pizza donut cake chair couch potted_plant bed dining_table toilet tv laptop "
+    "mouse remote keyboard cell_phone microwave oven toaster sink refrigerator book clock vase scissors "
+    "teddy_bear hair_drier toothbrush"
+).split()
+COLORS = ["red", "green", "blue", "yellow", "white", "black", "brown", "orange", "pink", "purple", "gray"]
+SCENES = ["in a park", "on a street", "in a kitchen", "on a beach", "in a living room", "in a field",
+          "on a table", "in an office", "at a train station", "in a garden"]
+STYLES = ["a realistic photo of", "a high-resolution photograph of", "a detailed photo of",
+          "a candid snapshot of", "a wide-angle photo of"]
+TEMPLATES = [
+    "Describe this image in detail.",
+    "What objects can you see in this image?",
+    "What is happening in this picture?",
+    "Where was this photo taken?",
+    "Is there a {obj} in the image?",
+    "What color is the {obj}?",
+    "Where is the {obj} in the image?",
+    "List every object in the image.",
+]
+NUMBER_WORDS = {1: "a", 2: "two", 3: "three", 4: "four"}
+DEFAULT_INSTRUCTION = "Describe this image in detail."
+
+
+def default_classes() -> list[str]:
+    return [c.replace("_", " ") for c in COCO_CLASSES]
+
+
+@dataclass
+class PromptsConfig:
+    source: str = "generate"          # generate | file
+    num_prompts: int = 16
+    seed: int = 0
+    instructions_per_prompt: int = 1
+    max_objects: int = 3
+    file: str | None = None            # .txt (one prompt a line) or .jsonl
+    instructions_file: str | None = None  # .txt, line i goes with prompt i (paper format)
+
+    def validate(self) -> list[str]:
+        errs = []
+        if self.source not in ("generate", "file"):
+            errs.append("prompts.source: must be 'generate' or 'file'")
+        if self.source == "generate" and self.num_prompts <= 0:
+            errs.append("prompts.num_prompts: must be > 0")
+        if self.instructions_per_prompt <= 0:
+            errs.append("prompts.instructions_per_prompt: must be > 0")
+        if self.max_objects <= 0:
+            errs.append("prompts.max_objects: must be > 0")
+        if self.source == "file" and not self.file:
+            errs.append("prompts.file: required when prompts.source is 'file'")
+        return errs
+
+
+def _plural(word: str, n: int) -> str:
+    if n == 1:
+        return word
+    if word == "person":
+        return "people"
+    if word.endswith(("s", "sh", "ch", "x")):
+        return word + "es"
+    return word + "s"
+
+
+def generate_prompt(seed: int, index: int, max_objects: int, n_instructions: int,
+                    classes: list[str]) -> dict:
+    # One RNG per index: growing num_prompts keeps the first prompts unchanged.
+    rng = random.Random(f"{seed}:{index}")
+    objects = rng.sample(classes, rng.randint(1, min(max_objects, len(classes))))
+    phrases = []
+    for obj in objects:
+        n = rng.choice([1, 1, 1, 2, 3])
+        color = rng.choice(COLORS) + " " if rng.random() < 0.5 else ""
+        phrases.append(f"{NUMBER_WORDS[n]} {color}{_plural(obj, n)}")
+    body = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+    image_prompt = f"{rng.choice(STYLES)} {body} {rng.choice(SCENES)}"
+    picks = rng.sample(TEMPLATES, min(n_instructions, len(TEMPLATES)))
+    instructions = [t.format(obj=rng.choice(objects)) for t in picks]
+    return {"prompt_id": f"g{seed}-{index:07d}", "image_prompt": image_prompt,
+            "instructions": instructions, "gt_objects": sorted(set(objects))}
+
+
+def _read_lines(path: Path) -> list[tuple[int, str]]:
+    if not path.is_file():
+        raise InputError("file not found", file=str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        row = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise InputError("not valid UTF-8", file=str(path), row=row) from None
+    lines = [(i, line.strip()) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not lines:
+        raise InputError("file is empty", file=str(path))
+    return lines
+
+
+def _from_jsonl(path: Path) -> list[dict]:
+    rows = []
+    for lineno, line in _read_lines(path):
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"invalid JSON ({e.msg})", file=str(path), row=lineno) from None
+        if not isinstance(obj, dict):
+            raise InputError("expected a JSON object", file=str(path), row=lineno)
+        prompt = obj.get("image_prompt", obj.get("prompt"))
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InputError("missing or empty", file=str(path), row=lineno, field="image_prompt")
+        instr = obj.get("instructions", obj.get("instruction", [DEFAULT_INSTRUCTION]))
+        instr = [instr] if isinstance(instr, str) else instr
+        if not isinstance(instr, list) or not instr or not all(isinstance(s, str) and s.strip() for s in instr):
+            raise InputError("must be a non-empty string or list of strings", file=str(path),
+                             row=lineno, field="instructions")
+        gt = obj.get("gt_objects")
+        if gt is not None and not (isinstance(gt, list) and all(isinstance(s, str) for s in gt)):
+            raise InputError("must be a list of strings", file=str(path), row=lineno, field="gt_objects")
+        pid = obj.get("prompt_id", f"{path.stem}-{lineno:07d}")
+        rows.append({"prompt_id": str(pid), "image_prompt": prompt.strip(), "instructions": instr,
+                     "gt_objects": gt, "_row": lineno})
+    return rows
+
+
+def _from_text(path: Path, instructions_file: str | None) -> list[dict]:
+    lines = _read_lines(path)
+    if instructions_file:
+        ipath = Path(instructions_file)
+        instr = _read_lines(ipath)
+        if len(instr) != len(lines):
+            raise InputError(f"has {len(instr)} instructions for {len(lines)} prompts in {path}",
+                             file=str(ipath))
+        instructions = [[s] for _, s in instr]
+    else:
+        instructions = [[DEFAULT_INSTRUCTION]] * len(lines)
+    return [{"prompt_id": f"{path.stem}-{lineno:07d}", "image_prompt": text, "instructions": ins,
+             "gt_objects": None, "_row": lineno} for (lineno, text), ins in zip(lines, instructions)]
+
+
+def load_prompts(cfg: PromptsConfig, mentions=None) -> list[dict]:
+    """All prompt rows. `mentions(text) -> classes` fills gt_objects for file prompts that lack them."""
+    if cfg.source == "generate":
+        classes = default_classes()
+        return [generate_prompt(cfg.seed, i, cfg.max_objects, cfg.instructions_per_prompt, classes)
+                for i in range(cfg.num_prompts)]
+    path = Path(cfg.file)
+    rows = _from_jsonl(path) if path.suffix in (".jsonl", ".json") else _from_text(path, cfg.instructions_file)
+    seen: dict[str, int] = {}
+    for row in rows:
+        lineno = row.pop("_row")
+        if row["prompt_id"] in seen:
+            raise InputError(f"duplicate prompt_id '{row['prompt_id']}' (first at row {seen[row['prompt_id']]})",
+                             file=str(path), row=lineno, field="prompt_id")
+        seen[row["prompt_id"]] = lineno
+        if row["gt_objects"] is None:
+            row["gt_objects"] = sorted(set(mentions(row["image_prompt"]))) if mentions else []
+    return rows
+
+
+def candidate_seed(prompt_id: str, k: int, base_seed: int = 0) -> int:
+    """Seed of candidate k of a prompt: a rerun renders the same bytes, whatever the batching."""
+    digest = hashlib.sha256(f"{base_seed}:{prompt_id}:{k}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+class QuestionExpander:
+    """One row per (prompt, instruction): the unit that gets answers, rewards and a pair."""
+    REQUIRES = ("prompt_id", "instructions")
+    ADDS = ("question", "question_index", "pair_key")
+    DROPS = ("instructions",)
+
+    def __call__(self, batch):
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        instructions = batch.column("instructions")
+        parents = pc.list_parent_indices(instructions)
+        out = batch.drop_columns(["instructions"]).take(parents)
+        index = [j for row in instructions.to_pylist() for j in range(len(row))]
+        keys = [f"{pid}-q{j}" for pid, j in zip(out.column("prompt_id").to_pylist(), index)]
+        out = out.append_column("question", pc.list_flatten(instructions))
+        out = out.append_column("question_index", pa.array(index, pa.int32()))
+        return out.append_column("pair_key", pa.array(keys, pa.string()))

@@ -1,0 +1,118 @@
+"""Rewards for candidate answers: a text reward model (as ArmoRM is used), a CLIP image-answer score, and a
+hallucination penalty (objects the answer mentions that the prompt did not put in the image).
+
+Each term is z-normalised within the candidates of one (image, question) before the weighted sum, so
+terms on different scales weigh as configured and a row's reward never depends on its batch.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from actors.runtime import device_for, open_png, setup_torch, torch_dtype, with_columns
+
+TERMS = ("text", "clip", "hallucination")
+
+
+@dataclass
+class RewardsConfig:
+    text_model: str = ""               # sequence-classification reward model (ArmoRM-style); "" = off
+    clip_model: str = ""               # CLIP for the image-answer term; "" = off
+    synonyms_file: str | None = None   # COCO synonyms; default: the 80 class names alone
+    weights: dict[str, float] = field(default_factory=lambda: {"text": 1.0, "clip": 0.5, "hallucination": 1.0})
+    max_length: int = 1024
+    dtype: str = "float32"
+    device: str = "auto"
+    trust_remote_code: bool = False    # ArmoRM ships custom code; only set it for models you trust
+
+    def validate(self) -> list[str]:
+        errs = [f"rewards.weights.{k}: unknown term (known: {', '.join(TERMS)})" for k in self.weights
+                if k not in TERMS]
+        if not self.text_model and not self.clip_model and not self.weights.get("hallucination"):
+            errs.append("rewards: no reward term is on (set text_model, clip_model or weights.hallucination)")
+        return errs
+
+
+def znorm(values: list[float]) -> list[float]:
+    finite = [v for v in values if math.isfinite(v)]
+    if len(finite) < 2:
+        return [0.0 if math.isfinite(v) else v for v in values]
+    mean = sum(finite) / len(finite)
+    std = math.sqrt(sum((v - mean) ** 2 for v in finite) / len(finite))
+    return [(v - mean) / std if std > 1e-8 else 0.0 for v in values]
+
+
+def combine(terms: dict[str, list[float]], weights: dict[str, float]) -> list[float]:
+    n = len(next(iter(terms.values())))
+    total = [0.0] * n
+    for name, values in terms.items():
+        w = weights.get(name, 0.0)
+        if w:
+            total = [t + w * z for t, z in zip(total, znorm(values))]
+    return total
+
+
+class TextReward:
+    def __init__(self, cfg: RewardsConfig):
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        self.torch, self.cfg, self.device = torch, cfg, device_for(cfg.device)
+        self.tok = AutoTokenizer.from_pretrained(cfg.text_model, trust_remote_code=cfg.trust_remote_code)
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            cfg.text_model, dtype=torch_dtype(cfg.dtype), trust_remote_code=cfg.trust_remote_code
+        ).to(self.device).eval()
+
+    def score(self, questions: list[str], answers: list[str]) -> list[float]:
+        chats = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+                 for q, a in zip(questions, answers)]
+        texts = [self.tok.apply_chat_template(c, tokenize=False) for c in chats]
+        enc = self.tok(texts, return_tensors="pt", padding=True, truncation=True,
+                       max_length=self.cfg.max_length, add_special_tokens=False).to(self.device)
+        with self.torch.inference_mode():
+            out = self.model(**enc)
+        # ArmoRM returns a preference `score`; plain reward models a single logit.
+        scores = getattr(out, "score", None)
+        scores = out.logits[:, 0] if scores is None else scores.reshape(len(texts), -1)[:, 0]
+        return scores.float().tolist()
+
+
+class RewardScorer:
+    REQUIRES = ("image", "question", "answers", "gt_objects")
+    ADDS = ("reward_text", "reward_clip", "hallucinated", "reward_hallucination", "reward")
+
+    def __init__(self, cfg: RewardsConfig, vocab, threads: int = 1):
+        setup_torch(threads)
+        self.cfg, self.vocab = cfg, vocab
+        self.text = TextReward(cfg) if cfg.text_model else None
+        self.clip = None
+        if cfg.clip_model:
+            from actors.select import ClipScorer
+            self.clip = ClipScorer(cfg.clip_model, cfg.device, threads)
+
+    def __call__(self, batch):
+        questions = batch.column("question").to_pylist()
+        answers = batch.column("answers").to_pylist()
+        gts = batch.column("gt_objects").to_pylist()
+        flat_q = [q for q, row in zip(questions, answers) for _ in row]
+        flat_a = [a for row in answers for a in row]
+        flat_text = self.text.score(flat_q, flat_a) if self.text and flat_a else [0.0] * len(flat_a)
+        if self.clip and flat_a:
+            imgs = [open_png(b) for b in batch.column("image").to_pylist()]
+            flat_clip = self.clip.score([im for im, row in zip(imgs, answers) for _ in row], flat_a)
+        else:
+            flat_clip = [0.0] * len(flat_a)
+        out = {k: [] for k in self.ADDS}
+        i = 0
+        for row, gt in zip(answers, gts):
+            n = len(row)
+            t, c = flat_text[i:i + n], flat_clip[i:i + n]
+            i += n
+            gt_set = set(gt or [])
+            halluc = [[o for o in self.vocab.mentions(a) if o not in gt_set] for a in row]
+            h = [-float(len(x)) for x in halluc]
+            out["reward_text"].append(t)
+            out["reward_clip"].append(c)
+            out["hallucinated"].append(halluc)
+            out["reward_hallucination"].append(h)
+            out["reward"].append(combine({"text": t, "clip": c, "hallucination": h}, self.cfg.weights))
+        return with_columns(batch, out)

@@ -1,0 +1,53 @@
+"""Small things every model stage needs: threads, dtypes, PNG bytes, Arrow list columns."""
+from __future__ import annotations
+
+import io
+
+
+def setup_torch(threads: int, seed: int | None = None):
+    """One thread per actor by default: on 2-core machines torch with 2 threads is erratic."""
+    import torch
+    torch.set_num_threads(max(1, threads))
+    if seed is not None:
+        torch.manual_seed(seed)
+    return torch
+
+
+def torch_dtype(name: str):
+    import torch
+    try:
+        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r} (float32, float16, bfloat16)") from None
+
+
+def device_for(name: str) -> str:
+    import torch
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def png_bytes(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")  # no metadata: same pixels give the same bytes
+    return buf.getvalue()
+
+
+def open_png(data: bytes):
+    from PIL import Image
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img.convert("RGB")
+
+
+def with_columns(table, columns: dict):
+    """Return `table` plus (or with replaced) the given columns, each a pyarrow array or python list."""
+    import pyarrow as pa
+    for name, values in columns.items():
+        arr = values if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(values)
+        if name in table.column_names:
+            table = table.set_column(table.column_names.index(name), name, arr)
+        else:
+            table = table.append_column(name, arr)
+    return table

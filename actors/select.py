@@ -1,0 +1,93 @@
+"""Image selection: score every candidate against its prompt and keep the best (CLIP score, or ImageReward)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from actors.runtime import device_for, open_png, setup_torch, with_columns
+
+
+@dataclass
+class SelectionConfig:
+    scorer: str = "clip"               # clip | imagereward
+    model: str = ""                    # CLIP model id/path, or an ImageReward name ("ImageReward-v1.0")
+    device: str = "auto"
+
+    def validate(self) -> list[str]:
+        errs = []
+        if self.scorer not in ("clip", "imagereward"):
+            errs.append("selection.scorer: must be 'clip' or 'imagereward'")
+        if not self.model:
+            errs.append("selection.model: required")
+        return errs
+
+
+class ClipScorer:
+    """Cosine similarity of CLIP image and text embeddings (scaled by 100, as CLIPScore is)."""
+
+    def __init__(self, model: str, device: str = "auto", threads: int = 1):
+        self.torch = setup_torch(threads)
+        from transformers import AutoProcessor, CLIPModel
+        self.device = device_for(device)
+        self.model = CLIPModel.from_pretrained(model).to(self.device).eval()
+        self.processor = AutoProcessor.from_pretrained(model)
+
+    def score(self, images, texts) -> list[float]:
+        """Pairwise: score(images[i], texts[i])."""
+        with self.torch.inference_mode():
+            inp = self.processor(text=list(texts), images=list(images), return_tensors="pt",
+                                 padding=True, truncation=True).to(self.device)
+            img = self.model.get_image_features(pixel_values=inp["pixel_values"])
+            txt = self.model.get_text_features(input_ids=inp["input_ids"],
+                                               attention_mask=inp["attention_mask"])
+            img = getattr(img, "pooler_output", img)
+            txt = getattr(txt, "pooler_output", txt)
+            img = img / img.norm(dim=-1, keepdim=True)
+            txt = txt / txt.norm(dim=-1, keepdim=True)
+            return (100.0 * (img * txt).sum(-1)).tolist()
+
+
+class ImageRewardScorer:
+    def __init__(self, model: str, device: str = "auto", threads: int = 1):
+        setup_torch(threads)
+        try:
+            import ImageReward as RM  # optional: pip install image-reward
+        except ImportError:
+            raise ImportError("selection.scorer 'imagereward' needs the image-reward package "
+                              "(pip install image-reward)") from None
+        self.model = RM.load(model, device=device_for(device))
+
+    def score(self, images, texts) -> list[float]:
+        return [float(self.model.score(t, [im])) for im, t in zip(images, texts)]
+
+
+class ImageSelection:
+    REQUIRES = ("image_prompt", "candidate_images", "candidate_seeds", "candidate_guidance")
+    ADDS = ("image", "image_score", "seed", "guidance_scale", "candidate_scores")
+    DROPS = ("candidate_images",)  # only the best image travels on
+
+    def __init__(self, cfg: SelectionConfig, threads: int = 1):
+        cls = ClipScorer if cfg.scorer == "clip" else ImageRewardScorer
+        self.scorer = cls(cfg.model, cfg.device, threads)
+
+    def __call__(self, batch):
+        prompts = batch.column("image_prompt").to_pylist()
+        cands = batch.column("candidate_images").to_pylist()
+        flat_imgs = [open_png(b) for row in cands for b in row]
+        flat_txt = [p for p, row in zip(prompts, cands) for _ in row]
+        flat = self.scorer.score(flat_imgs, flat_txt)
+        seeds = batch.column("candidate_seeds").to_pylist()
+        scales = batch.column("candidate_guidance").to_pylist()
+        out = {"image": [], "image_score": [], "seed": [], "guidance_scale": [], "candidate_scores": []}
+        i = 0
+        for r, row in enumerate(cands):
+            scores = flat[i:i + len(row)]
+            i += len(row)
+            best = max(range(len(row)), key=lambda k: scores[k])
+            out["image"].append(row[best])
+            out["image_score"].append(float(scores[best]))
+            out["seed"].append(seeds[r][best])
+            out["guidance_scale"].append(scales[r][best])
+            out["candidate_scores"].append([float(s) for s in scores])
+        import pyarrow as pa
+        out["image"] = pa.array(out["image"], pa.binary())
+        return with_columns(batch.drop_columns(list(self.DROPS)), out)

@@ -1,0 +1,1 @@
+"""Where and how stages run: resources per pool, the Ray connection, job submission."""

@@ -1,0 +1,92 @@
+"""How a stage is scheduled, kept apart from what it does: pool size, CPUs/GPUs, node resources.
+
+Every actor pool and the training worker group take their Ray resources from here, so a config
+moves a stage to another node group (custom resource `node_group:sampling`, say) without code changes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class PoolConfig:
+    size: int = 1                     # actors in the pool (min size when max_size is set)
+    max_size: int | None = None       # autoscale the pool between size and max_size
+    batch_size: int = 4               # rows per call
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0             # fractions share a GPU between actors
+    accelerator_type: str | None = None  # e.g. "A100" (ray.util.accelerators names)
+    resources: dict[str, float] = field(default_factory=dict)  # custom node resources
+    threads: int = 1                  # torch threads inside each actor
+
+    def validate(self, name: str) -> list[str]:
+        errs = []
+        if self.size < 1:
+            errs.append(f"{name}.size: must be >= 1")
+        if self.max_size is not None and self.max_size < self.size:
+            errs.append(f"{name}.max_size: must be >= size")
+        if self.batch_size < 1:
+            errs.append(f"{name}.batch_size: must be >= 1")
+        if self.num_cpus < 0 or self.num_gpus < 0:
+            errs.append(f"{name}: num_cpus and num_gpus must be >= 0")
+        if self.threads < 1:
+            errs.append(f"{name}.threads: must be >= 1")
+        return errs
+
+
+@dataclass
+class WorkersConfig:
+    """The Ray Train worker group."""
+    num_workers: int = 2
+    use_gpu: bool = False
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    accelerator_type: str | None = None
+    resources: dict[str, float] = field(default_factory=dict)
+    threads: int = 1
+
+    def validate(self, name: str) -> list[str]:
+        errs = []
+        if self.num_workers < 1:
+            errs.append(f"{name}.num_workers: must be >= 1")
+        if self.threads < 1:
+            errs.append(f"{name}.threads: must be >= 1")
+        return errs
+
+
+def _thread_env(threads: int) -> dict:
+    # Ray sets OMP_NUM_THREADS=1 in workers; set it explicitly so `threads` is the one knob.
+    return {"env_vars": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}}
+
+
+def map_batches_kwargs(pool: PoolConfig) -> dict:
+    """Keyword arguments for `Dataset.map_batches` running a callable class on an actor pool.
+
+    Ray Data restarts crashed pool actors and retries their batches by default (max_restarts=-1).
+    """
+    import ray.data
+    compute = (ray.data.ActorPoolStrategy(min_size=pool.size, max_size=pool.max_size) if pool.max_size
+               else ray.data.ActorPoolStrategy(size=pool.size))
+    kwargs = {"compute": compute, "batch_size": pool.batch_size, "num_cpus": pool.num_cpus,
+              "runtime_env": _thread_env(pool.threads)}
+    if pool.num_gpus:
+        kwargs["num_gpus"] = pool.num_gpus
+    if pool.resources:
+        kwargs["resources"] = dict(pool.resources)
+    if pool.accelerator_type:
+        kwargs["accelerator_type"] = pool.accelerator_type
+    return kwargs
+
+
+def task_kwargs(num_cpus: float = 1.0) -> dict:
+    """Keyword arguments for cheap stateless `map_batches` steps (plain Ray tasks)."""
+    return {"num_cpus": num_cpus}
+
+
+def scaling_config(w: WorkersConfig):
+    from ray.train import ScalingConfig
+    per_worker: dict = {"CPU": w.num_cpus, **w.resources}
+    if w.use_gpu:
+        per_worker["GPU"] = w.num_gpus or 1.0
+    return ScalingConfig(num_workers=w.num_workers, use_gpu=w.use_gpu, resources_per_worker=per_worker,
+                         accelerator_type=w.accelerator_type)

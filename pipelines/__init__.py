@@ -1,0 +1,1 @@
+"""Jobs (generate, train, eval), the run config and the `synthalign` CLI."""

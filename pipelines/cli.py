@@ -1,0 +1,136 @@
+"""`synthalign`: one entry point, each subcommand thin over a library function."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from actors.contract import ContractError
+from actors.errors import InputError
+from pipelines.typed import ConfigTypeError
+
+USER_ERRORS = (InputError, ConfigTypeError, ContractError)
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML run config, e.g. configs/tiny.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set prompts.num_prompts=100 (repeatable)")
+    p.add_argument("--address", help="Ray address to attach to (default: RAY_ADDRESS, else a local Ray)")
+
+
+def _ray(args) -> None:
+    from cluster.connect import connect
+    connect(args.address)
+
+
+def cmd_make_tiny(args) -> int:
+    from actors.tiny import make_tiny
+    for name, path in make_tiny(args.out, seed=args.seed).items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from pipelines.config import load_config
+    from pipelines.generate import run_generate
+    cfg = load_config(args.config, args.overrides)
+    _ray(args)
+    manifest = run_generate(cfg, overwrite=args.overwrite)
+    c = manifest["counts"]
+    print(f"pairs: {c['pairs']} of {c['questions']} image-questions ({c['prompts']} prompts, "
+          f"{c['answers']} answers, dropped {c['dropped'] or 'none'}) -> {cfg.output_dir}/pairs")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from pipelines.config import load_config
+    from pipelines.train import run_train
+    cfg = load_config(args.config, args.overrides)
+    _ray(args)
+    data = args.data or cfg.train.data or f"{cfg.output_dir}/pairs"
+    summary = run_train(cfg.train, data, cfg.output_dir)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def cmd_run(args) -> int:
+    args.data = None
+    cmd_generate(args)
+    return cmd_train(args)
+
+
+def cmd_export(args) -> int:
+    from pipelines.export import export_llava_json
+    print(export_llava_json(args.run, args.out))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    if args.eval_cmd == "pope-score":
+        from pipelines.evaluate.pope import pope_score_cli
+        result = pope_score_cli(args.questions, args.answers)
+    else:
+        from pipelines.evaluate.mmhal import mmhal_score_cli
+        result = mmhal_score_cli(args.reviews)
+    print(json.dumps(result) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="synthalign", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("make-tiny", help="build the tiny random-weight models")
+    p.add_argument("--out", default=".synthalign/tiny")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_make_tiny)
+
+    for name, fn, help_ in (("generate", cmd_generate, "make preference pairs"),
+                            ("run", cmd_run, "generate, then train")):
+        p = sub.add_parser(name, help=help_)
+        _config_args(p)
+        p.add_argument("--overwrite", action="store_true", help="replace a run of another config")
+        p.set_defaults(fn=fn)
+
+    p = sub.add_parser("train", help="DPO post-training on Ray Train")
+    _config_args(p)
+    p.add_argument("--data", help="pairs folder (default: train.data or OUTPUT_DIR/pairs)")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("export", help="write a run's pairs in another format")
+    p.add_argument("run", help="run folder (output_dir) or pairs folder")
+    p.add_argument("--format", choices=["llava-json"], default="llava-json")
+    p.add_argument("--out", help="output folder (default RUN/export/llava)")
+    p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("eval", help="evaluation and scoring")
+    esub = p.add_subparsers(dest="eval_cmd", required=True)
+    e = esub.add_parser("pope-score", help="score POPE answers exactly as the official evaluate.py")
+    e.add_argument("--questions", required=True)
+    e.add_argument("--answers", required=True)
+    e.add_argument("--json", action="store_true")
+    e = esub.add_parser("mmhal-score", help="score judged MMHal-Bench reviews")
+    e.add_argument("--reviews", required=True)
+    e.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except USER_ERRORS as e:
+        if args.debug:
+            raise
+        print(f"synthalign: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("synthalign: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

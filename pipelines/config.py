@@ -1,0 +1,119 @@
+"""The run config: one YAML file, typed, `key.sub=value` overrides, validated on load."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from actors.errors import InputError
+from actors.images import ImagesConfig
+from actors.pairs import PairsConfig
+from actors.prompts import PromptsConfig
+from actors.rewards import RewardsConfig
+from actors.sampling import SamplerConfig
+from actors.select import SelectionConfig
+from cluster.resources import PoolConfig
+from pipelines.train import TrainConfig
+from pipelines.typed import ConfigTypeError, from_dict, set_dotted
+
+POOL_STAGES = ("images", "selection", "sampling", "rewards")
+
+
+@dataclass
+class RunConfig:
+    output_dir: str
+    tiny_models: str | None = None     # build the tiny random-weight models here when missing
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    images: ImagesConfig = field(default_factory=ImagesConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    samplers: list[SamplerConfig] = field(default_factory=list)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    pairs: PairsConfig = field(default_factory=PairsConfig)
+    # Scheduling, per stage: images, selection, sampling (default for every sampler),
+    # "sampling:<sampler name>" for one sampler, rewards.
+    pools: dict[str, PoolConfig] = field(default_factory=dict)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    min_rows_per_file: int = 1000      # Parquet files per output; one file per block otherwise
+
+    def pool(self, stage: str, sampler: SamplerConfig | None = None) -> PoolConfig:
+        if sampler is not None and f"sampling:{sampler.label}" in self.pools:
+            return self.pools[f"sampling:{sampler.label}"]
+        return self.pools.get(stage, PoolConfig())
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        """What determines the generated data (not where it goes or how it is scheduled)."""
+        d = self.to_dict()
+        for k in ("output_dir", "pools", "train", "min_rows_per_file", "tiny_models"):
+            d.pop(k)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def validate(self) -> list[str]:
+        errs = self.prompts.validate() + self.images.validate() + self.selection.validate()
+        errs += self.rewards.validate() + self.pairs.validate() + self.train.validate()
+        if not self.samplers:
+            errs.append("samplers: at least one sampler is needed")
+        labels = [s.label for s in self.samplers]
+        for i, s in enumerate(self.samplers):
+            errs += s.validate(f"samplers[{i}]")
+            if labels.count(s.label) > 1:
+                errs.append(f"samplers[{i}].name: '{s.label}' is used twice; give each sampler a distinct name")
+        for name, pool in self.pools.items():
+            stage = name.split(":", 1)[0]
+            if stage not in POOL_STAGES or (":" in name and stage != "sampling"):
+                errs.append(f"pools.{name}: unknown stage (known: {', '.join(POOL_STAGES)}, sampling:<name>)")
+            elif ":" in name and name.split(":", 1)[1] not in labels:
+                errs.append(f"pools.{name}: no sampler is named '{name.split(':', 1)[1]}'")
+            errs += pool.validate(f"pools.{name}")
+        if self.min_rows_per_file < 1:
+            errs.append("min_rows_per_file: must be >= 1")
+        return errs
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    if "=" not in text:
+        raise InputError(f"--set expects key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("config file not found", file=str(path))
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise InputError("not valid UTF-8", file=str(path)) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        row = mark.line + 1 if mark else None
+        raise InputError(f"YAML syntax error: {getattr(e, 'problem', None) or e}", file=str(path), row=row) from None
+    if not isinstance(data, dict):
+        raise InputError("expected a mapping of config keys at the top level", file=str(path))
+    for text in overrides:
+        key, value = parse_override(text)
+        try:
+            set_dotted(data, key, value)
+        except ConfigTypeError as e:
+            raise InputError(f"--set {text}: {e}") from None
+    try:
+        cfg = from_dict(RunConfig, data)
+    except ConfigTypeError as e:
+        raise InputError(str(e).split(": ", 1)[1], file=str(path), field=e.key) from None
+    errs = cfg.validate()
+    if errs:
+        key, _, msg = errs[0].partition(": ")
+        more = f" (and {len(errs) - 1} more problem(s))" if len(errs) > 1 else ""
+        raise InputError(msg + more, file=str(path), field=key)
+    return cfg

@@ -1,0 +1,150 @@
+"""POPE (Li et al. 2023) scoring, reproducing the official RUCAIBox/POPE `evaluate.py`.
+
+Differences from the official script, all about input handling, none about the numbers:
+- answers are paired with questions by `question_id` (the script zips two files by line position, which
+  silently mis-scores a reordered or partial answer file); unpaired ids are an error;
+- zero denominators give 0.0 instead of ZeroDivisionError;
+- labels must be "yes"/"no" (the script treats anything but "no" as yes).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from actors.errors import InputError
+
+QUESTION_FIELDS = ("question_id", "image", "text", "label")
+
+
+def parse_pope_answer(text: str) -> str:
+    """Map a free-form answer to "yes"/"no" exactly as the official script does.
+
+    Deliberately literal: only the first sentence counts, tokens are split on single spaces and matched
+    case-sensitively, so "NO" is yes and "" is yes. Changing this would make our numbers incomparable.
+    """
+    if text.find(".") != -1:
+        text = text.split(".")[0]
+    words = text.replace(",", "").split(" ")
+    return "no" if ("No" in words or "not" in words or "no" in words) else "yes"
+
+
+def pope_metrics(labels: list[str], preds: list[str]) -> dict:
+    """Binary metrics with "yes" as the positive class; zero denominators give 0.0."""
+    if len(labels) != len(preds):
+        raise ValueError(f"{len(labels)} labels but {len(preds)} predictions")
+    for name, seq in (("label", labels), ("prediction", preds)):
+        bad = [x for x in seq if x not in ("yes", "no")]
+        if bad:
+            raise ValueError(f"{name} must be 'yes' or 'no', got {bad[0]!r}")
+    pairs = list(zip(labels, preds))
+    tp = sum(1 for l, p in pairs if l == "yes" and p == "yes")
+    fp = sum(1 for l, p in pairs if l == "no" and p == "yes")
+    tn = sum(1 for l, p in pairs if l == "no" and p == "no")
+    fn = sum(1 for l, p in pairs if l == "yes" and p == "no")
+    n = len(pairs)
+
+    def div(a: float, b: float) -> float:
+        return a / b if b else 0.0
+
+    precision, recall = div(tp, tp + fp), div(tp, tp + fn)
+    return {"n": n, "accuracy": div(tp + tn, n), "precision": precision, "recall": recall,
+            "f1": div(2 * precision * recall, precision + recall), "yes_ratio": div(tp + fp, n)}
+
+
+def _read_jsonl(path: str | Path, what: str):
+    """Yield (row, object) for each non-blank line; rows are 1-based line numbers."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise InputError(f"cannot read {what} file: {e.strerror or e}", file=str(path)) from None
+    for row, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"not valid JSON ({e.msg}); expected one JSON object per line",
+                             file=str(path), row=row) from None
+        if not isinstance(obj, dict):
+            raise InputError(f"expected a JSON object, got {type(obj).__name__}", file=str(path), row=row)
+        yield row, obj
+
+
+def _qid(obj: dict, path, row) -> str:
+    # Ids are compared as strings so that 1 and "1" pair (some answer writers stringify ids).
+    qid = obj.get("question_id")
+    if isinstance(qid, bool) or not isinstance(qid, (int, str)) or qid == "":
+        raise InputError(f"question_id must be an integer or a non-empty string, got {qid!r}",
+                         file=str(path), row=row, field="question_id")
+    return str(qid)
+
+
+def load_questions(path: str | Path) -> list[dict]:
+    """POPE question file (JSON Lines: question_id, image, text, label), in file order."""
+    out, seen = [], {}
+    for row, obj in _read_jsonl(path, "POPE questions"):
+        for f in QUESTION_FIELDS:
+            if f not in obj:
+                raise InputError("missing field", file=str(path), row=row, field=f)
+        qid = _qid(obj, path, row)
+        if qid in seen:
+            raise InputError(f"duplicate question_id {obj['question_id']!r} (first on row {seen[qid]})",
+                             file=str(path), row=row, field="question_id")
+        seen[qid] = row
+        if obj["label"] not in ("yes", "no"):
+            raise InputError(f"label must be 'yes' or 'no', got {obj['label']!r}",
+                             file=str(path), row=row, field="label")
+        out.append(obj)
+    if not out:
+        raise InputError("no questions in file", file=str(path))
+    return out
+
+
+def load_answers(path: str | Path) -> list[dict]:
+    """Answer file (JSON Lines): question_id plus `answer`, or `text` as LLaVA's model_vqa_loader writes.
+
+    Returns [{"question_id", "answer", "row"}] in file order (row: 1-based line, for error messages).
+    """
+    out, seen = [], {}
+    for row, obj in _read_jsonl(path, "answers"):
+        qid = _qid(obj, path, row)
+        field = "answer" if "answer" in obj else "text" if "text" in obj else None
+        if field is None:
+            raise InputError("missing field (or 'text')", file=str(path), row=row, field="answer")
+        if not isinstance(obj[field], str):
+            raise InputError(f"must be a string, got {type(obj[field]).__name__}",
+                             file=str(path), row=row, field=field)
+        if qid in seen:
+            raise InputError(f"duplicate question_id {obj['question_id']!r} (first on row {seen[qid]})",
+                             file=str(path), row=row, field="question_id")
+        seen[qid] = row
+        out.append({"question_id": obj["question_id"], "answer": obj[field], "row": row})
+    return out
+
+
+def _ids(xs: list[dict]) -> str:
+    shown = ", ".join(repr(x["question_id"]) for x in xs[:5])
+    return shown + (f", ... ({len(xs) - 5} more)" if len(xs) > 5 else "")
+
+
+def score_pope(questions_path: str | Path, answers_path: str | Path) -> dict:
+    """Pair answers with questions by question_id and compute the official POPE metrics."""
+    questions = load_questions(questions_path)
+    answers = {str(a["question_id"]): a for a in load_answers(answers_path)}
+    known = {str(q["question_id"]) for q in questions}
+    unknown = [a for key, a in answers.items() if key not in known]
+    if unknown:
+        raise InputError(f"{len(unknown)} answer(s) have a question_id not in {questions_path}: {_ids(unknown)}",
+                         file=str(answers_path), row=unknown[0]["row"], field="question_id")
+    missing = [q for q in questions if str(q["question_id"]) not in answers]
+    if missing:
+        raise InputError(f"no answer for {len(missing)} of {len(questions)} question(s) in {questions_path}: "
+                         f"question_id {_ids(missing)}", file=str(answers_path))
+    labels = [q["label"] for q in questions]
+    preds = [parse_pope_answer(answers[str(q["question_id"])]["answer"]) for q in questions]
+    return pope_metrics(labels, preds)
+
+
+def pope_score_cli(questions: str | Path, answers: str | Path) -> dict:
+    """Entry point for `synthalign eval pope`: returns the metrics dict (the CLI prints it as JSON)."""
+    return score_pope(questions, answers)
