@@ -1,7 +1,7 @@
 """How a stage is scheduled, kept apart from what it does: pool size, CPUs/GPUs, node resources.
 
 Every actor pool and the training worker group take their Ray resources from here, so a config
-moves a stage to another node group (custom resource `node_group:sampling`, say) without code changes.
+moves a stage to another node group (a custom resource such as `sampling_node`) without code changes.
 """
 from __future__ import annotations
 

@@ -87,8 +87,15 @@ def parse_override(text: str) -> tuple[str, object]:
     return key.strip(), value
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
-    path = Path(path)
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple = ()) -> dict:
+    """A config file as data; `extends: other.yaml` (relative to this file) is deep-merged under it."""
     if not path.is_file():
         raise InputError("config file not found", file=str(path))
     try:
@@ -101,6 +108,18 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
         raise InputError(f"YAML syntax error: {getattr(e, 'problem', None) or e}", file=str(path), row=row) from None
     if not isinstance(data, dict):
         raise InputError("expected a mapping of config keys at the top level", file=str(path))
+    base = data.pop("extends", None)
+    if base is not None:
+        parent = (path.parent / str(base)).resolve()
+        if parent in seen:
+            raise InputError(f"extends {base} makes a cycle", file=str(path), field="extends")
+        data = _merge(_read_yaml(parent, seen + (parent,)), data)
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    path = Path(path)
+    data = _read_yaml(path)
     for text in overrides:
         key, value = parse_override(text)
         try:

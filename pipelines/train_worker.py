@@ -1,0 +1,213 @@
+"""What each Ray Train worker runs for `pipelines.train.run_train`: TRL DPOTrainer + PEFT LoRA (+ DeepSpeed).
+
+Checkpoints go to Ray Train through `RayTrainReportCallback`; a restarted worker group (FailureConfig) or a rerun
+on the same output_dir resumes from `ray.train.get_checkpoint()`. Rank 0 writes metrics.jsonl, the adapter,
+the merged model and summary.json straight into the output_dir, which must be on storage every node sees
+(as Ray Train's own storage_path under it must be).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+METRIC_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+               "learning_rate", "grad_norm", "epoch")
+
+
+def _disable_deepspeed_shm_comm() -> None:
+    """Keep DeepSpeed from JIT-compiling its shared-memory comm op (70-140 s) at every CPU distributed init.
+
+    `deepspeed.comm.torch.build_shm_op` only builds it when `deepspeed.ops.__compatible_ops__` marks it
+    compatible; that dict is computed lazily (probing every op with the compiler) and edits to it persist. The op
+    only speeds up AutoTP inference all-reduce on CPU; training collectives go through torch.distributed (gloo).
+    """
+    import deepspeed.ops
+    ops = vars(deepspeed.ops)
+    ops.setdefault("__compatible_ops__", {})["deepspeed_shm_comm"] = False
+
+
+def _setup_distributed_state(use_deepspeed: bool, use_cuda: bool) -> dict:
+    """Extra DPOConfig kwargs so accelerate sees the Ray-made process group (and DeepSpeed) correctly.
+
+    With `deepspeed` set, TrainingArguments ignores `ddp_backend` and accelerate ends up with one process; a
+    PartialState made first with DeepSpeed enabled in the environment, reused via `use_configured_state`, fixes it.
+    """
+    backend = "nccl" if use_cuda else "gloo"
+    if not use_deepspeed:
+        return {"ddp_backend": backend}
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    if not use_cuda:
+        _disable_deepspeed_shm_comm()
+    from accelerate import PartialState
+    PartialState(backend=backend)
+    return {"accelerator_config": {"use_configured_state": True}}
+
+
+def _load_rows(cfg, processor) -> tuple[list[dict], dict]:
+    """All pairs rows from the Ray Data dataset, cleaned and sorted by pair_id; returns (rows, drop counts)."""
+    import ray.train
+
+    from pipelines.train import row_problem, trl_messages
+    rows, dropped = [], {}
+    for batch in ray.train.get_dataset_shard("train").iter_batches(batch_format="pyarrow", batch_size=256):
+        rows.extend(batch.to_pylist())
+    rows.sort(key=lambda r: str(r.get("pair_id")))
+    kept = []
+    for row in rows:
+        problem = row_problem(row)
+        if problem is None and cfg.max_length is not None and _token_length(row, processor) > cfg.max_length:
+            problem = "longer than max_length"
+        if problem:
+            dropped[problem] = dropped.get(problem, 0) + 1
+            continue
+        kept.append({"images": [{"bytes": row["image"], "path": None}],
+                     **trl_messages(row["question"], row["chosen"], row["rejected"])})
+    return kept, dropped
+
+
+def _token_length(row: dict, processor) -> int:
+    """Tokens of prompt (image tokens expanded) + the longer answer, as DPOTrainer's collator builds them."""
+    from actors.runtime import open_png
+    from pipelines.train import trl_messages
+    msgs = trl_messages(row["question"], row["chosen"], row["rejected"])
+    prompt = processor.apply_chat_template(msgs["prompt"], add_generation_prompt=True, tokenize=False)
+    n_prompt = processor(images=[open_png(row["image"])], text=[prompt], add_special_tokens=False)["input_ids"]
+    answers = [processor.apply_chat_template(msgs["prompt"] + msgs[k], tokenize=False)[len(prompt):]
+               for k in ("chosen", "rejected")]
+    n_answer = max(len(processor.tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
+    return len(n_prompt[0]) + n_answer
+
+
+def _hf_dataset(rows: list[dict]):
+    import datasets
+    msg = [{"role": datasets.Value("string"),
+            "content": [{"type": datasets.Value("string"), "text": datasets.Value("string")}]}]
+    features = datasets.Features({"images": datasets.List(datasets.Image()), "prompt": msg, "chosen": msg,
+                                  "rejected": msg})
+    return datasets.Dataset.from_list(rows, features=features)
+
+
+def _callbacks(paths: dict, start_step: int, fail_at_step: int | None):
+    from transformers import TrainerCallback
+
+    class MetricsJsonl(TrainerCallback):
+        """Rank 0 appends one JSON line per logged step; lines past the resumed step are dropped first."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if not state.is_world_process_zero:
+                return
+            p = Path(paths["metrics"])
+            keep = []
+            if p.exists() and start_step > 0:
+                keep = [ln for ln in p.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start_step]
+            p.write_text("".join(ln + "\n" for ln in keep))
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs or "loss" not in logs:
+                return
+            line = {"step": state.global_step, **{k: float(logs[k]) for k in METRIC_KEYS if k in logs}}
+            with open(paths["metrics"], "a") as f:
+                f.write(json.dumps(line) + "\n")
+
+    class FailAfterCheckpoint(TrainerCallback):
+        """Test hook: raise after the checkpoint of `fail_at_step` was reported, once per starting point."""
+
+        def on_save(self, args, state, control, **kwargs):
+            if fail_at_step is not None and state.global_step == fail_at_step and start_step < fail_at_step:
+                raise RuntimeError(f"injected failure after the checkpoint of step {fail_at_step}")
+
+    from ray.train.huggingface.transformers import RayTrainReportCallback
+    # Order matters: the checkpoint is reported before the injected failure.
+    return [MetricsJsonl(), RayTrainReportCallback(), FailAfterCheckpoint()]
+
+
+def _checkpoint_step(ckpt_dir: str) -> int:
+    state = Path(ckpt_dir) / "trainer_state.json"
+    return json.loads(state.read_text())["global_step"] if state.exists() else 0
+
+
+def train_loop(config: dict) -> None:
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    import ray.train
+    import torch
+
+    cfg, paths, ds_config = config["cfg"], config["paths"], config["deepspeed"]
+    torch.set_num_threads(cfg.workers.threads)
+    use_cuda = torch.cuda.is_available() and cfg.workers.use_gpu
+    extra = _setup_distributed_state(ds_config is not None, use_cuda)
+    if "tensorboard" in cfg.report_to:
+        os.environ["TENSORBOARD_LOGGING_DIR"] = paths["tb"]
+
+    from peft import LoraConfig
+    from ray.train.huggingface.transformers import RayTrainReportCallback
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from trl import DPOConfig, DPOTrainer
+
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    processor = AutoProcessor.from_pretrained(cfg.model)
+    rows, dropped = _load_rows(cfg, processor)
+    if not rows:
+        raise ValueError(f"no trainable pairs rows (dropped: {dropped})")
+    train_ds = _hf_dataset(rows)
+
+    work_dir = tempfile.mkdtemp(prefix=f"dpo-rank{rank}-")   # HF checkpoints before Ray copies them to storage
+    args = DPOConfig(
+        output_dir=work_dir, beta=cfg.beta, loss_type=[cfg.loss_type], learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler_type, warmup_ratio=cfg.warmup_ratio,
+        num_train_epochs=cfg.num_train_epochs, max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.per_device_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, bf16=cfg.bf16, fp16=False,
+        logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=1,
+        seed=cfg.seed, report_to=[r for r in cfg.report_to if r != "none"] or "none",
+        deepspeed=ds_config, optim=cfg.optim, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        max_length=None,                 # never truncate: rows over cfg.max_length were dropped above
+        precompute_ref_log_probs=False,  # rejected by TRL for vision datasets
+        remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True, **extra)
+    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    model = AutoModelForImageTextToText.from_pretrained(cfg.model, dtype=dtype)
+    peft_config = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                             target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM")
+
+    ckpt = ray.train.get_checkpoint()
+    with (ckpt.as_directory() if ckpt else contextlib.nullcontext()) as ckpt_root:
+        resume_from = str(Path(ckpt_root) / RayTrainReportCallback.CHECKPOINT_NAME) if ckpt_root else None
+        start_step = _checkpoint_step(resume_from) if resume_from else 0
+        trainer = DPOTrainer(model=model, args=args, train_dataset=train_ds, processing_class=processor,
+                             peft_config=peft_config,
+                             callbacks=_callbacks(paths, start_step, config.get("fail_at_step")))
+        trainer.train(resume_from_checkpoint=resume_from)
+
+    # Every rank takes part (ZeRO-3 gathers the adapter); only the main process writes.
+    trainer.save_model(paths["adapter"])
+    if trainer.is_world_process_zero():
+        processor.save_pretrained(paths["adapter"])
+        trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+        if cfg.merge_adapter:
+            _merge(cfg, paths, dtype)
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        Path(paths["summary"]).write_text(json.dumps({
+            "steps": trainer.state.global_step, "final_loss": losses[-1] if losses else None,
+            "resumed_from_step": start_step, "rows_used": len(rows), "rows_dropped": sum(dropped.values()),
+            "rows_dropped_by_reason": dropped, "world_size": ctx.get_world_size(),
+            "deepspeed_stage": (ds_config or {}).get("zero_optimization", {}).get("stage"),
+            "trainable_tensors": len(trainable), "trainable_params": sum(
+                p.numel() for p in trainer.model.parameters() if p.requires_grad),
+            "trainable_names_all_lora": all("lora_" in n for n in trainable),
+        }, indent=2))
+    shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def _merge(cfg, paths: dict, dtype) -> None:
+    """Reload the base model, apply the saved adapter, merge and save (works whatever ZeRO stage trained it)."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    base = AutoModelForImageTextToText.from_pretrained(cfg.model, dtype=dtype)
+    merged = PeftModel.from_pretrained(base, paths["adapter"]).merge_and_unload()
+    merged.save_pretrained(paths["merged"])
+    AutoProcessor.from_pretrained(paths["adapter"]).save_pretrained(paths["merged"])

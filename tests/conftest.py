@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny models built once per test run, one local Ray for the session."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+SYNONYMS = SHARED_DATA / "objhal" / "synonyms_refine.txt"
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    from actors.tiny import make_tiny
+    return make_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole test run (ray.init costs 8-15 s here)."""
+    import ray
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def tiny_config(tiny: dict[str, Path], output_dir: Path, **overrides):
+    """configs/tiny.yaml pointed at the session's tiny models and a test folder."""
+    from pipelines.config import load_config
+    sets = [f"output_dir={output_dir}", "tiny_models=null", f"images.model={tiny['sd']}",
+            f"selection.model={tiny['clip']}", f"rewards.text_model={tiny['reward']}",
+            f"rewards.clip_model={tiny['clip']}", f"rewards.synonyms_file={SYNONYMS}",
+            f"train.model={tiny['llava']}"]
+    sets += [f"{k}={v}" for k, v in overrides.items()]
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", sets)
+    cfg.samplers[0].model = str(tiny["llava"])
+    cfg.samplers[1].model = str(tiny["llava-b"])
+    return cfg
