@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from actors.prompts import candidate_seed
-from actors.runtime import device_for, png_bytes, setup_torch, torch_dtype, with_columns
+from actors.runtime import add_node_tag, device_for, png_bytes, setup_torch, torch_dtype, with_columns
 
 
 @dataclass
@@ -37,14 +37,14 @@ class ImagesConfig:
 
 class ImageSynthesis:
     REQUIRES = ("prompt_id", "image_prompt")
-    ADDS = ("candidate_images", "candidate_seeds", "candidate_guidance")
+    ADDS = ("candidate_images", "candidate_seeds", "candidate_guidance", "stage_nodes")
 
     def __init__(self, cfg: ImagesConfig, threads: int = 1):
         torch = setup_torch(threads)
         from diffusers import DiffusionPipeline
         self.cfg, self.torch = cfg, torch
         self.device = device_for(cfg.device)
-        self.pipe = DiffusionPipeline.from_pretrained(cfg.model, torch_dtype=torch_dtype(cfg.dtype))
+        self.pipe = DiffusionPipeline.from_pretrained(cfg.model, dtype=torch_dtype(cfg.dtype))
         self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
 
@@ -73,6 +73,7 @@ class ImageSynthesis:
             seeds.append(row_seeds)
             scales.append(row_scales)
         import pyarrow as pa
+        batch = add_node_tag(batch, "images")
         return with_columns(batch, {"candidate_images": pa.array(images, pa.list_(pa.binary())),
                                     "candidate_seeds": pa.array(seeds, pa.list_(pa.int64())),
                                     "candidate_guidance": pa.array(scales, pa.list_(pa.float64()))})

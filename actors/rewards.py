@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from actors.runtime import device_for, open_png, setup_torch, torch_dtype, with_columns
+from actors.runtime import add_node_tag, device_for, open_png, setup_torch, torch_dtype, with_columns
 
 TERMS = ("text", "clip", "hallucination")
 
@@ -115,4 +115,4 @@ class RewardScorer:
             out["hallucinated"].append(halluc)
             out["reward_hallucination"].append(h)
             out["reward"].append(combine({"text": t, "clip": c, "hallucination": h}, self.cfg.weights))
-        return with_columns(batch, out)
+        return with_columns(add_node_tag(batch, "rewards"), out)

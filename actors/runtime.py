@@ -51,3 +51,21 @@ def with_columns(table, columns: dict):
         else:
             table = table.append_column(name, arr)
     return table
+
+
+def node_tag(stage: str) -> str:
+    """`stage=node_id` for the lineage column `stage_nodes`: where each stage ran this row."""
+    try:
+        import ray
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+    except Exception:  # outside Ray (unit tests, plain loops)
+        node = "local"
+    return f"{stage}={node}"
+
+
+def add_node_tag(table, stage: str):
+    import pyarrow as pa
+    tag = node_tag(stage)
+    prev = table.column("stage_nodes").to_pylist() if "stage_nodes" in table.column_names else None
+    rows = [(prev[i] if prev else []) + [tag] for i in range(table.num_rows)]
+    return with_columns(table, {"stage_nodes": pa.array(rows, pa.list_(pa.string()))})

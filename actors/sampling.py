@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from actors.runtime import device_for, open_png, setup_torch, torch_dtype, with_columns
+from actors.runtime import add_node_tag, device_for, open_png, setup_torch, torch_dtype, with_columns
 
 
 @dataclass
@@ -129,4 +129,5 @@ class AnswerSampler:
         prev = batch.column("answers").to_pylist() if "answers" in batch.column_names else None
         answers = [(prev[i] if prev else []) + a for i, a in enumerate(new)]
         models = [(names[i] if names else []) + [self.cfg.label] * len(a) for i, a in enumerate(new)]
+        batch = add_node_tag(batch, f"sampling:{self.cfg.label}")
         return with_columns(batch, {"answers": answers, "answer_models": models})

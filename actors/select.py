@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from actors.runtime import device_for, open_png, setup_torch, with_columns
+from actors.runtime import add_node_tag, device_for, open_png, setup_torch, with_columns
 
 
 @dataclass
@@ -90,4 +90,4 @@ class ImageSelection:
             out["candidate_scores"].append([float(s) for s in scores])
         import pyarrow as pa
         out["image"] = pa.array(out["image"], pa.binary())
-        return with_columns(batch.drop_columns(list(self.DROPS)), out)
+        return with_columns(add_node_tag(batch.drop_columns(list(self.DROPS)), "selection"), out)

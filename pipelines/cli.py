@@ -7,6 +7,8 @@ import sys
 
 from actors.contract import ContractError
 from actors.errors import InputError
+from pipelines.cluster_commands import add_cluster_commands
+from pipelines.evaluate.commands import add_eval_commands
 from pipelines.typed import ConfigTypeError
 
 USER_ERRORS = (InputError, ConfigTypeError, ContractError)
@@ -33,10 +35,11 @@ def cmd_make_tiny(args) -> int:
 
 def cmd_generate(args) -> int:
     from pipelines.config import load_config
-    from pipelines.generate import run_generate
+    from pipelines.generate import prepare, run_generate
     cfg = load_config(args.config, args.overrides)
+    prepared = prepare(cfg, overwrite=args.overwrite)  # bad input fails here, before Ray starts
     _ray(args)
-    manifest = run_generate(cfg, overwrite=args.overwrite)
+    manifest = run_generate(cfg, prepared=prepared)
     c = manifest["counts"]
     print(f"pairs: {c['pairs']} of {c['questions']} image-questions ({c['prompts']} prompts, "
           f"{c['answers']} answers, dropped {c['dropped'] or 'none'}) -> {cfg.output_dir}/pairs")
@@ -63,17 +66,6 @@ def cmd_run(args) -> int:
 def cmd_export(args) -> int:
     from pipelines.export import export_llava_json
     print(export_llava_json(args.run, args.out))
-    return 0
-
-
-def cmd_eval(args) -> int:
-    if args.eval_cmd == "pope-score":
-        from pipelines.evaluate.pope import pope_score_cli
-        result = pope_score_cli(args.questions, args.answers)
-    else:
-        from pipelines.evaluate.mmhal import mmhal_score_cli
-        result = mmhal_score_cli(args.reviews)
-    print(json.dumps(result) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
     return 0
 
 
@@ -105,16 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default RUN/export/llava)")
     p.set_defaults(fn=cmd_export)
 
-    p = sub.add_parser("eval", help="evaluation and scoring")
-    esub = p.add_subparsers(dest="eval_cmd", required=True)
-    e = esub.add_parser("pope-score", help="score POPE answers exactly as the official evaluate.py")
-    e.add_argument("--questions", required=True)
-    e.add_argument("--answers", required=True)
-    e.add_argument("--json", action="store_true")
-    e = esub.add_parser("mmhal-score", help="score judged MMHal-Bench reviews")
-    e.add_argument("--reviews", required=True)
-    e.add_argument("--json", action="store_true")
-    p.set_defaults(fn=cmd_eval)
+    add_eval_commands(sub)
+    add_cluster_commands(sub)
     return parser
 
 

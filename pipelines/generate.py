@@ -25,7 +25,7 @@ from actors.select import ImageSelection
 from cluster.resources import map_batches_kwargs, task_kwargs
 from pipelines.config import RunConfig
 
-LINEAGE_COLUMNS = ("question_index", "candidate_scores", "candidate_seeds", "candidate_guidance")
+LINEAGE_COLUMNS = ("question_index", "candidate_scores", "candidate_seeds", "candidate_guidance", "stage_nodes")
 CANDIDATE_COLUMNS = ("pair_key", "prompt_id", "question", "answers", "answer_models", "reward_text",
                      "reward_clip", "reward_hallucination", "hallucinated", "reward", "chosen", "rejected")
 
@@ -177,16 +177,21 @@ def check_output_dir(cfg: RunConfig, overwrite: bool) -> Path:
     return out
 
 
-def run_generate(cfg: RunConfig, overwrite: bool = False) -> dict:
-    """Run the generation job on the connected Ray cluster; returns the manifest."""
+def prepare(cfg: RunConfig, overwrite: bool = False):
+    """Everything that can fail on bad input, done before Ray starts: models, prompts, output folder."""
     from actors.tiny import make_tiny
-    t0 = time.time()
     if cfg.tiny_models:
         make_tiny(cfg.tiny_models)
     check_models(cfg)
     vocab = load_vocab(cfg)
     rows = load_prompts(cfg.prompts, mentions=vocab.mentions)
-    out = check_output_dir(cfg, overwrite)
+    return rows, vocab, check_output_dir(cfg, overwrite)
+
+
+def run_generate(cfg: RunConfig, overwrite: bool = False, prepared=None) -> dict:
+    """Run the generation job on the connected Ray cluster; returns the manifest."""
+    t0 = time.time()
+    rows, vocab, out = prepared or prepare(cfg, overwrite)
     t_prep = time.time()
     _write(build_pipeline(cfg, prompt_table(rows), vocab), out / "scored", cfg.min_rows_per_file)
     t_stream = time.time()

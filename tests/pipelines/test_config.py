@@ -1,0 +1,121 @@
+"""The run config: every shipped config loads; bad keys, types and values are named with their file."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from actors.errors import InputError
+from conftest import ROOT
+from pipelines.config import load_config
+
+SHIPPED = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def test_ships_the_expected_configs():
+    assert {p.stem for p in SHIPPED} >= {"tiny", "paper", "pairs-2k", "pairs-9k"}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert cfg.output_dir and cfg.samplers and cfg.images.guidance_scales
+
+
+def test_paper_recipe():
+    cfg = load_config(ROOT / "configs" / "paper.yaml")
+    assert cfg.images.model == "stabilityai/stable-diffusion-3-medium-diffusers"
+    assert cfg.images.guidance_scales == [5.0, 7.0, 9.0, 11.0] and cfg.images.steps == 28
+    assert [s.model for s in cfg.samplers] == ["llava-hf/llava-v1.6-mistral-7b-hf",
+                                               "llava-hf/llava-v1.6-vicuna-13b-hf",
+                                               "llava-hf/llava-v1.6-vicuna-7b-hf"]
+    assert all(s.n == 1 and s.temperature == 0 for s in cfg.samplers)
+    assert cfg.rewards.text_model == "RLHFlow/ArmoRM-Llama3-8B-v0.1"
+    assert cfg.pool("images").num_gpus == 1
+    t = cfg.train
+    assert (t.model, t.lora.r, t.lora.alpha, t.learning_rate, t.beta, t.num_train_epochs) == \
+        ("llava-hf/llava-1.5-7b-hf", 128, 256, 1e-5, 0.1, 2.0)
+    assert t.deepspeed.endswith("zero2.json") and t.bf16
+
+
+def test_2k_and_9k_differ_only_in_counts_pools_and_output():
+    a, b = (load_config(ROOT / "configs" / f"pairs-{n}.yaml").to_dict() for n in ("2k", "9k"))
+    differing = {k for k in a if a[k] != b[k]}
+    assert differing <= {"prompts", "pools", "output_dir"}
+    a["prompts"].pop("num_prompts"), b["prompts"].pop("num_prompts")
+    assert a["prompts"] == b["prompts"]
+    assert load_config(ROOT / "configs" / "pairs-9k.yaml").prompts.num_prompts == 9000
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+BASE = "output_dir: out\nimages: {model: m}\nselection: {model: c}\nsamplers: [{model: v}]\n" \
+       "rewards: {text_model: r}\ntrain: {model: t}\n"
+
+
+def test_overrides_are_typed(tmp_path):
+    cfg = load_config(write(tmp_path, BASE), ["prompts.num_prompts=7", "images.guidance_scales=[3, 4.5]",
+                                              "pools.images.num_gpus=0.5", "rewards.weights.clip=0"])
+    assert cfg.prompts.num_prompts == 7 and cfg.images.guidance_scales == [3.0, 4.5]
+    assert cfg.pool("images").num_gpus == 0.5 and cfg.rewards.weights == {"clip": 0.0}
+
+
+@pytest.mark.parametrize("text,overrides,field,words", [
+    (BASE + "promts: {num_prompts: 3}\n", [], "promts", "unknown key"),
+    (BASE, ["images.stepz=3"], "images.stepz", "unknown key"),
+    (BASE, ["images.steps=abc"], "images.steps", "expected int"),
+    (BASE, ["images.steps=true"], "images.steps", "expected int"),
+    (BASE, ["prompts.num_prompts=0"], "prompts.num_prompts", "must be > 0"),
+    (BASE, ["prompts.num_prompts=-3"], "prompts.num_prompts", "must be > 0"),
+    (BASE, ["images.guidance_scales=[]"], "images.guidance_scales", "at least one"),
+    (BASE, ["samplers=[]"], "samplers", "at least one"),
+    (BASE, ["pools.imagez.size=1"], "pools.imagez", "unknown stage"),
+    (BASE, ["pools.images.size=0"], "pools.images.size", ">= 1"),
+    (BASE, ["pairs.min_margin=-1"], "pairs.min_margin", ">= 0"),
+    ("images: {model: m}\n", [], "output_dir", "required"),
+])
+def test_bad_config_names_file_and_key(tmp_path, text, overrides, field, words):
+    path = write(tmp_path, text)
+    with pytest.raises(InputError) as e:
+        load_config(path, overrides)
+    msg = str(e.value)
+    assert str(path) in msg and f"field '{field}'" in msg and words in msg
+    assert "\n" not in msg
+
+
+def test_yaml_syntax_error_gives_the_line(tmp_path):
+    path = write(tmp_path, "output_dir: x\nimages: {model: [unclosed\n")
+    with pytest.raises(InputError, match=r"c.yaml, row \d+: YAML syntax error"):
+        load_config(path)
+
+
+def test_missing_file_and_non_utf8(tmp_path):
+    with pytest.raises(InputError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    p = tmp_path / "bin.yaml"
+    p.write_bytes(b"output_dir: \xff\xfe\n")
+    with pytest.raises(InputError, match="not valid UTF-8"):
+        load_config(p)
+
+
+def test_extends_merges_and_detects_cycles(tmp_path):
+    (tmp_path / "base.yaml").write_text(BASE + "prompts: {num_prompts: 5, seed: 3}\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: base.yaml\nprompts: {num_prompts: 9}\n")
+    cfg = load_config(child)
+    assert (cfg.prompts.num_prompts, cfg.prompts.seed) == (9, 3)
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(InputError, match="cycle"):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_hash_ignores_scheduling_but_not_data():
+    a = load_config(ROOT / "configs" / "tiny.yaml")
+    b = load_config(ROOT / "configs" / "tiny.yaml", ["pools.images.size=3", "output_dir=elsewhere"])
+    c = load_config(ROOT / "configs" / "tiny.yaml", ["images.steps=3"])
+    assert a.hash() == b.hash() != c.hash()
