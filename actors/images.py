@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from actors.guard import guarded
 from actors.prompts import candidate_seed
 from actors.runtime import add_node_tag, device_for, png_bytes, setup_torch, torch_dtype, with_columns
 
@@ -57,6 +58,9 @@ class ImageSynthesis:
         return self.pipe(**kwargs).images[0]
 
     def __call__(self, batch):
+        return guarded("images", batch, self._process)
+
+    def _process(self, batch):
         images, seeds, scales = [], [], []
         for pid, prompt in zip(batch.column("prompt_id").to_pylist(), batch.column("image_prompt").to_pylist()):
             row_imgs, row_seeds, row_scales = [], [], []

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from actors.guard import guarded
 from actors.runtime import with_columns
 
 DROP_REASONS = ("too_few_answers", "identical", "below_margin", "non_finite_reward")
@@ -42,6 +43,9 @@ class PairBuilder:
         self.cfg = cfg
 
     def __call__(self, batch):
+        return guarded("pairs", batch, self._process)
+
+    def _process(self, batch):
         out = {k: [] for k in self.ADDS}
         for key, answers, models, rewards in zip(
                 batch.column("pair_key").to_pylist(), batch.column("answers").to_pylist(),

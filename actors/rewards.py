@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from actors.guard import guarded
 from actors.runtime import add_node_tag, device_for, open_png, setup_torch, torch_dtype, with_columns
 
 TERMS = ("text", "clip", "hallucination")
@@ -90,6 +91,9 @@ class RewardScorer:
             self.clip = ClipScorer(cfg.clip_model, cfg.device, threads)
 
     def __call__(self, batch):
+        return guarded("rewards", batch, self._process)
+
+    def _process(self, batch):
         questions = batch.column("question").to_pylist()
         answers = batch.column("answers").to_pylist()
         gts = batch.column("gt_objects").to_pylist()
@@ -101,6 +105,8 @@ class RewardScorer:
             flat_clip = self.clip.score([im for im, row in zip(imgs, answers) for _ in row], flat_a)
         else:
             flat_clip = [0.0] * len(flat_a)
+        if not all(math.isfinite(v) for v in flat_text + flat_clip):
+            raise ValueError("non-finite reward (NaN or inf)")
         out = {k: [] for k in self.ADDS}
         i = 0
         for row, gt in zip(answers, gts):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+from actors.guard import guarded
 from actors.runtime import add_node_tag, device_for, open_png, setup_torch, torch_dtype, with_columns
 
 
@@ -122,9 +123,14 @@ class AnswerSampler:
         self.backend = (VllmBackend if cfg.backend == "vllm" else TransformersBackend)(cfg, threads)
 
     def __call__(self, batch):
+        return guarded(f"sampling:{self.cfg.label}", batch, self._process)
+
+    def _process(self, batch):
         images = [open_png(b) for b in batch.column("image").to_pylist()]
         new = self.backend.answer(images, batch.column("question").to_pylist(),
                                   batch.column("pair_key").to_pylist())
+        if any(not any(a.strip() for a in row) for row in new):
+            raise ValueError("the model gave only empty answers")
         names = batch.column("answer_models").to_pylist() if "answer_models" in batch.column_names else None
         prev = batch.column("answers").to_pylist() if "answers" in batch.column_names else None
         answers = [(prev[i] if prev else []) + a for i, a in enumerate(new)]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from actors.guard import guarded
 from actors.runtime import add_node_tag, device_for, open_png, setup_torch, with_columns
 
 
@@ -70,6 +71,9 @@ class ImageSelection:
         self.scorer = cls(cfg.model, cfg.device, threads)
 
     def __call__(self, batch):
+        return guarded("selection", batch, self._process, self.DROPS)
+
+    def _process(self, batch):
         prompts = batch.column("image_prompt").to_pylist()
         cands = batch.column("candidate_images").to_pylist()
         flat_imgs = [open_png(b) for row in cands for b in row]

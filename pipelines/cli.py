@@ -41,7 +41,7 @@ def cmd_generate(args) -> int:
     _ray(args)
     manifest = run_generate(cfg, prepared=prepared)
     c = manifest["counts"]
-    print(f"pairs: {c['pairs']} of {c['questions']} image-questions ({c['prompts']} prompts, "
+    print(f"pairs: {c['pairs']} of {c['questions']} image-questions ({c['prompts']} prompts, {c['errors']} failed rows, "
           f"{c['answers']} answers, dropped {c['dropped'] or 'none'}) -> {cfg.output_dir}/pairs")
     return 0
 
@@ -111,6 +111,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"synthalign: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        from pipelines.generate import JobError
+        if args.debug or not isinstance(e, JobError):
+            raise
+        print(f"synthalign: failed: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("synthalign: interrupted", file=sys.stderr)
         return 130

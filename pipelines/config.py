@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from actors.errors import InputError
+from actors.guard import FaultConfig
 from actors.images import ImagesConfig
 from actors.pairs import PairsConfig
 from actors.prompts import PromptsConfig
@@ -37,7 +38,10 @@ class RunConfig:
     # "sampling:<sampler name>" for one sampler, rewards.
     pools: dict[str, PoolConfig] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
-    min_rows_per_file: int = 1000      # Parquet files per output; one file per block otherwise
+    min_rows_per_file: int = 1000      # rows per Parquet file in pairs/, candidates/, errors/
+    rows_per_shard: int = 64           # rows per scored/ shard: what a crash can cost to redo
+    max_error_fraction: float = 0.05   # share of image-questions allowed to fail before the job fails
+    faults: FaultConfig | None = None  # test-only fault injection
 
     def pool(self, stage: str, sampler: SamplerConfig | None = None) -> PoolConfig:
         if sampler is not None and f"sampling:{sampler.label}" in self.pools:
@@ -50,7 +54,8 @@ class RunConfig:
     def hash(self) -> str:
         """What determines the generated data (not where it goes or how it is scheduled)."""
         d = self.to_dict()
-        for k in ("output_dir", "pools", "train", "min_rows_per_file", "tiny_models"):
+        for k in ("output_dir", "pools", "train", "min_rows_per_file", "tiny_models", "rows_per_shard",
+                  "max_error_fraction", "faults"):
             d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -73,6 +78,12 @@ class RunConfig:
             errs += pool.validate(f"pools.{name}")
         if self.min_rows_per_file < 1:
             errs.append("min_rows_per_file: must be >= 1")
+        if self.rows_per_shard < 1:
+            errs.append("rows_per_shard: must be >= 1")
+        if not 0 <= self.max_error_fraction <= 1:
+            errs.append("max_error_fraction: must be between 0 and 1")
+        if self.faults:
+            errs += self.faults.validate()
         return errs
 
 

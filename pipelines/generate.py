@@ -6,6 +6,7 @@ written to a temporary folder and renamed into place, so a reader never sees hal
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -13,8 +14,9 @@ import time
 import uuid
 from pathlib import Path
 
-from actors.contract import PAIR_COLUMNS, PROMPT_COLUMNS, check_chain
+from actors.contract import PROMPT_COLUMNS, check_chain
 from actors.errors import InputError
+from actors.guard import FAULTS_ENV
 from actors.images import ImageSynthesis
 from actors.objects import ObjectVocab
 from actors.pairs import PairBuilder
@@ -24,10 +26,8 @@ from actors.sampling import AnswerSampler
 from actors.select import ImageSelection
 from cluster.resources import map_batches_kwargs, task_kwargs
 from pipelines.config import RunConfig
+from pipelines.outputs import AtomicParquetSink, clean_partial, done_prompts, finalize
 
-LINEAGE_COLUMNS = ("question_index", "candidate_scores", "candidate_seeds", "candidate_guidance", "stage_nodes")
-CANDIDATE_COLUMNS = ("pair_key", "prompt_id", "question", "answers", "answer_models", "reward_text",
-                     "reward_clip", "reward_hallucination", "hallucinated", "reward", "chosen", "rejected")
 
 
 def _looks_local(path: str) -> bool:
@@ -71,8 +71,13 @@ def build_pipeline(cfg: RunConfig, prompts, vocab: ObjectVocab):
                               for i in range(0, prompts.num_rows, rows_per_block)])
 
     def stage(ds, cls, pool, **ctor):
+        kwargs = map_batches_kwargs(pool)
+        if cfg.faults and cfg.faults.stage:  # test-only fault injection travels as an env var
+            kwargs["runtime_env"]["env_vars"][FAULTS_ENV] = json.dumps(
+                {**dataclasses.asdict(cfg.faults),
+                 "marker_dir": cfg.faults.marker_dir or str(Path(cfg.output_dir, ".faults"))})
         return ds.map_batches(cls, fn_constructor_kwargs={**ctor, "threads": pool.threads},
-                              batch_format="pyarrow", **map_batches_kwargs(pool))
+                              batch_format="pyarrow", **kwargs)
 
     ds = stage(ds, ImageSynthesis, cfg.pool("images"), cfg=cfg.images)
     ds = stage(ds, ImageSelection, cfg.pool("selection"), cfg=cfg.selection)
@@ -80,8 +85,9 @@ def build_pipeline(cfg: RunConfig, prompts, vocab: ObjectVocab):
     for sampler in cfg.samplers:
         ds = stage(ds, AnswerSampler, cfg.pool("sampling", sampler), cfg=sampler)
     ds = stage(ds, RewardScorer, cfg.pool("rewards"), cfg=cfg.rewards, vocab=vocab)
+    # Batches of one shard: rows reach scored/ as soon as a shard's worth is done.
     return ds.map_batches(_build_pairs, fn_kwargs={"min_margin": cfg.pairs.min_margin},
-                          batch_format="pyarrow", **task_kwargs(0.1))
+                          batch_format="pyarrow", batch_size=cfg.rows_per_shard, **task_kwargs(0.1))
 
 
 def _expand_questions(batch):
@@ -91,60 +97,6 @@ def _expand_questions(batch):
 def _build_pairs(batch, min_margin: float):
     from actors.pairs import PairsConfig
     return PairBuilder(PairsConfig(min_margin=min_margin))(batch)
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _write(ds, out: Path, min_rows: int) -> None:
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    ds.write_parquet(str(tmp), min_rows_per_file=min_rows)
-    if not tmp.exists():  # Ray Data writes nothing for an empty dataset
-        tmp.mkdir(parents=True)
-    _replace_dir(tmp, out)
-
-
-def _keep_pairs(batch):
-    import pyarrow.compute as pc
-    kept = batch.filter(pc.is_null(batch.column("drop_reason")))
-    return kept.select([c for c in PAIR_COLUMNS + LINEAGE_COLUMNS])
-
-
-def _explode_candidates(batch):
-    import pyarrow as pa
-    rows = batch.select(list(CANDIDATE_COLUMNS)).to_pylist()
-    out = []
-    for r in rows:
-        for j, answer in enumerate(r["answers"]):
-            role = "chosen" if answer == r["chosen"] else "rejected" if answer == r["rejected"] else ""
-            out.append({"pair_key": r["pair_key"], "prompt_id": r["prompt_id"], "question": r["question"],
-                        "candidate_index": j, "model": r["answer_models"][j], "answer": answer,
-                        "reward_text": r["reward_text"][j], "reward_clip": r["reward_clip"][j],
-                        "reward_hallucination": r["reward_hallucination"][j],
-                        "hallucinated": r["hallucinated"][j], "reward": r["reward"][j], "role": role})
-    schema = pa.schema([("pair_key", pa.string()), ("prompt_id", pa.string()), ("question", pa.string()),
-                        ("candidate_index", pa.int32()), ("model", pa.string()), ("answer", pa.string()),
-                        ("reward_text", pa.float64()), ("reward_clip", pa.float64()),
-                        ("reward_hallucination", pa.float64()), ("hallucinated", pa.list_(pa.string())),
-                        ("reward", pa.float64()), ("role", pa.string())])
-    return pa.Table.from_pylist(out, schema=schema)
-
-
-def count_rows(scored: Path) -> dict:
-    import pyarrow.compute as pc
-    import pyarrow.dataset as pads
-    t = pads.dataset(str(scored), format="parquet").to_table(
-        columns=["prompt_id", "answers", "drop_reason"])
-    reasons = t.column("drop_reason").drop_null().to_pylist()
-    return {"prompts": len(set(t.column("prompt_id").to_pylist())), "questions": t.num_rows,
-            "answers": int(pc.sum(pc.list_value_length(t.column("answers"))).as_py() or 0),
-            "pairs": t.num_rows - len(reasons),
-            "dropped": {r: reasons.count(r) for r in sorted(set(reasons))}}
 
 
 def package_versions() -> dict:
@@ -157,6 +109,10 @@ def package_versions() -> dict:
         except PackageNotFoundError:
             pass
     return out
+
+
+class JobError(Exception):
+    """The job ran but its result is not acceptable (e.g. too many bad rows)."""
 
 
 def check_output_dir(cfg: RunConfig, overwrite: bool) -> Path:
@@ -188,27 +144,42 @@ def prepare(cfg: RunConfig, overwrite: bool = False):
     return rows, vocab, check_output_dir(cfg, overwrite)
 
 
-def run_generate(cfg: RunConfig, overwrite: bool = False, prepared=None) -> dict:
-    """Run the generation job on the connected Ray cluster; returns the manifest."""
-    t0 = time.time()
-    rows, vocab, out = prepared or prepare(cfg, overwrite)
-    t_prep = time.time()
-    _write(build_pipeline(cfg, prompt_table(rows), vocab), out / "scored", cfg.min_rows_per_file)
-    t_stream = time.time()
-    import ray.data
-    scored = ray.data.read_parquet(str(out / "scored"))
-    _write(scored.map_batches(_keep_pairs, batch_format="pyarrow", **task_kwargs(0.5)), out / "pairs",
-           cfg.min_rows_per_file)
-    cand = ray.data.read_parquet(str(out / "scored"), columns=list(CANDIDATE_COLUMNS))
-    _write(cand.map_batches(_explode_candidates, batch_format="pyarrow", **task_kwargs(0.5)),
-           out / "candidates", cfg.min_rows_per_file)
-    counts = count_rows(out / "scored")
-    counts["images_rendered"] = counts["prompts"] * cfg.images.num_candidates
-    manifest = {"config": cfg.to_dict(), "config_hash": cfg.hash(), "versions": package_versions(),
-                "counts": counts,
-                "timings_s": {"prepare": round(t_prep - t0, 2), "stream": round(t_stream - t_prep, 2),
-                              "finalize": round(time.time() - t_stream, 2), "total": round(time.time() - t0, 2)}}
+def _write_manifest(out: Path, manifest: dict) -> None:
     tmp = out / ".manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=2))
     tmp.replace(out / "manifest.json")
+
+
+def run_generate(cfg: RunConfig, overwrite: bool = False, prepared=None) -> dict:
+    """Run (or resume) the generation job on the connected Ray cluster; returns the manifest."""
+    t0 = time.time()
+    rows, vocab, out = prepared or prepare(cfg, overwrite)
+    if overwrite:
+        for name in ("scored", "pairs", "candidates", "errors", ".faults", "manifest.json"):
+            target = out / name
+            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+    base = {"config": cfg.to_dict(), "config_hash": cfg.hash(), "versions": package_versions()}
+    _write_manifest(out, {**base, "status": "running"})  # claims the folder for this config
+    scored = out / "scored"
+    clean_partial(scored)
+    done = done_prompts(scored, {r["prompt_id"]: len(r["instructions"]) for r in rows})
+    todo = [r for r in rows if r["prompt_id"] not in done]
+    t_prep = time.time()
+    if todo:
+        build_pipeline(cfg, prompt_table(todo), vocab).write_datasink(
+            AtomicParquetSink(str(scored), cfg.rows_per_shard))
+    t_stream = time.time()
+    counts = finalize(out, cfg.min_rows_per_file)
+    counts["images_rendered"] = len(todo) * cfg.images.num_candidates
+    counts["prompts_resumed"] = len(done)
+    error_fraction = counts["errors"] / max(1, counts["questions"])
+    status = "failed" if error_fraction > cfg.max_error_fraction else "complete"
+    manifest = {**base, "status": status, "counts": counts,
+                "timings_s": {"prepare": round(t_prep - t0, 2), "stream": round(t_stream - t_prep, 2),
+                              "finalize": round(time.time() - t_stream, 2), "total": round(time.time() - t0, 2)}}
+    _write_manifest(out, manifest)
+    if status == "failed":
+        raise JobError(f"{counts['errors']} of {counts['questions']} image-questions failed "
+                       f"({error_fraction:.1%} > max_error_fraction {cfg.max_error_fraction:.1%}); "
+                       f"see {out / 'errors'}")
     return manifest

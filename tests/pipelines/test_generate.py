@@ -34,6 +34,7 @@ def test_row_counts_and_manifest(run):
     assert c["questions"] == N_PROMPTS * N_INSTR
     assert c["answers"] == c["questions"] * 3  # sampler a: n=2, sampler b: n=1
     assert c["images_rendered"] == N_PROMPTS * 4
+    assert c["errors"] == 0 and c["duplicates_skipped"] == 0
     assert c["pairs"] + sum(c["dropped"].values()) == c["questions"]
     assert c["pairs"] > 0
     pairs = read(f"{cfg.output_dir}/pairs")
@@ -41,8 +42,9 @@ def test_row_counts_and_manifest(run):
     assert len(set(pairs.column("pair_id").to_pylist())) == pairs.num_rows
     cands = read(f"{cfg.output_dir}/candidates")
     assert cands.num_rows == c["answers"]
-    on_disk = json.loads((cfg.output_dir and open(f"{cfg.output_dir}/manifest.json").read()))
+    on_disk = json.loads(open(f"{cfg.output_dir}/manifest.json").read())
     assert on_disk["config_hash"] == cfg.hash() and on_disk["versions"]["ray"] == "2.60.0"
+    assert on_disk["status"] == "complete"
 
 
 def test_pairs_columns_images_and_margins(run):
