@@ -86,6 +86,8 @@ def guarded(stage: str, batch, process, drops=()):
     if not parts:
         return batch
     out = pa.concat_tables([_with_error(p) for p in parts], promote_options="permissive")
+    from actors.metrics import record_stage
+    record_stage(stage, out)
     return out
 
 

@@ -5,6 +5,7 @@ import math
 from dataclasses import dataclass
 
 from actors.guard import guarded
+from actors.metrics import MARGIN_BOUNDARIES, count, observe
 from actors.runtime import with_columns
 
 DROP_REASONS = ("too_few_answers", "identical", "below_margin", "non_finite_reward")
@@ -61,6 +62,10 @@ class PairBuilder:
             out["chosen_model"].append(models[b] if found else None)
             out["rejected_model"].append(models[w] if found else None)
             out["drop_reason"].append(reason)
+        for reason in out["drop_reason"]:
+            count("synthalign_pairs", 1, "image-questions by outcome", outcome=reason or "kept")
+        observe("synthalign_margin", [m for m, r in zip(out["margin"], out["drop_reason"]) if r is None],
+                "chosen - rejected reward of kept pairs", MARGIN_BOUNDARIES)
         import pyarrow as pa
         typed = {k: pa.array(v, pa.float64()) for k, v in out.items()
                  if k in ("chosen_reward", "rejected_reward", "margin")}

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, field
 
 from actors.guard import guarded
+from actors.metrics import count, reward_bucket
 from actors.runtime import add_node_tag, device_for, open_png, setup_torch, torch_dtype, with_columns
 
 TERMS = ("text", "clip", "hallucination")
@@ -121,4 +122,10 @@ class RewardScorer:
             out["hallucinated"].append(halluc)
             out["reward_hallucination"].append(h)
             out["reward"].append(combine({"text": t, "clip": c, "hallucination": h}, self.cfg.weights))
+        for v in (v for row in out["reward"] for v in row):
+            count("synthalign_reward", 1, "answers by combined-reward bucket", bucket=reward_bucket(v))
+        if "answer_models" in batch.column_names:
+            for row in batch.column("answer_models").to_pylist():
+                for model in row:
+                    count("synthalign_candidates", 1, "answers scored", model=model)
         return with_columns(add_node_tag(batch, "rewards"), out)

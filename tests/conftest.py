@@ -30,12 +30,22 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     return make_tiny(tmp_path_factory.mktemp("tiny"))
 
 
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+METRICS_PORT = free_port()
+
+
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray for the whole test run (ray.init costs 8-15 s here)."""
+    """One local Ray for the whole test run (ray.init costs 8-15 s here); Prometheus on METRICS_PORT."""
     import ray
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=METRICS_PORT)
     yield ray
     ray.shutdown()
 

@@ -60,3 +60,9 @@ def test_contract_names_the_stage_and_missing_column():
     assert check_chain(["x"], [A, B]) == ["y", "z"]
     with pytest.raises(ContractError, match=r"stage C needs column\(s\) \['x'\]"):
         check_chain(["x"], [A, B, C])
+
+
+def test_reward_buckets_cover_signed_values():
+    from actors.metrics import reward_bucket
+    assert [reward_bucket(v) for v in (-5, -1.5, -0.5, 0.0, 0.7, 9)] == \
+        ["<-2.0", "[-2.0,-1.0)", "[-0.5,0.0)", "[0.0,0.5)", "[0.5,1.0)", ">=2.0"]

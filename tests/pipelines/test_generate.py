@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from actors.contract import PAIR_COLUMNS
-from conftest import tiny_config
+from conftest import METRICS_PORT, tiny_config
 
 N_PROMPTS, N_INSTR = 6, 2
 
@@ -171,3 +171,23 @@ def test_export_llava_json(run, tmp_path):
     assert r["conversations"][0] == r["rejected_conversations"][0]
     assert r["conversations"][1]["value"] != r["rejected_conversations"][1]["value"]
     assert Image.open(tmp_path / "llava" / r["image"]).size == (64, 64)
+
+
+def test_stage_metrics_reach_the_metrics_endpoint(run):
+    import re
+    import time
+    import urllib.request
+    cfg, manifest = run
+    want = {"images": N_PROMPTS, "selection": N_PROMPTS, "rewards": N_PROMPTS * N_INSTR,
+            "sampling:tiny-llava-a": N_PROMPTS * N_INSTR, "pairs": N_PROMPTS * N_INSTR}
+    deadline, got = time.time() + 60, {}
+    while time.time() < deadline:  # metrics are exported every few seconds
+        text = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).read().decode()
+        got = {}
+        for m in re.finditer(r'^ray_synthalign_stage_rows_total\{[^}]*stage="([^"]+)"[^}]*\} ([0-9.]+)', text, re.M):
+            got[m.group(1)] = got.get(m.group(1), 0) + float(m.group(2))
+        if all(got.get(k, 0) >= v for k, v in want.items()):
+            break
+        time.sleep(3)
+    assert all(got.get(k, 0) >= v for k, v in want.items()), got
+    assert "ray_synthalign_pairs_total" in text and "ray_synthalign_margin_bucket" in text
