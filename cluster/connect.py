@@ -2,6 +2,25 @@
 from __future__ import annotations
 
 import os
+import socket
+from urllib.parse import urlparse
+
+from actors.errors import InputError
+
+
+def check_listening(address: str, timeout: float = 3.0) -> None:
+    """Fail in seconds, with one line, where ray.init would retry for a minute: nothing at host:port."""
+    if address in ("auto", "local") or address.startswith("anyscale://"):
+        return
+    parsed = urlparse(address if "://" in address else f"tcp://{address}")
+    if parsed.hostname is None or parsed.port is None:
+        raise InputError(f"cannot read host:port from Ray address {address!r}", field="--address")
+    try:
+        with socket.create_connection((parsed.hostname, parsed.port), timeout=timeout):
+            pass
+    except OSError as e:
+        raise InputError(f"nothing is listening at {parsed.hostname}:{parsed.port} ({e.strerror or e}); "
+                         "is the Ray head running?", field="--address") from None
 
 
 def connect(address: str | None = None, num_cpus: int | None = None, dashboard: bool = True) -> str:
@@ -11,6 +30,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, dashboard: 
         return "already connected"
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
+        check_listening(address)
         ray.init(address=address, log_to_driver=True)
         return address
     ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",

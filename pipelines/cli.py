@@ -7,6 +7,7 @@ import sys
 
 from actors.contract import ContractError
 from actors.errors import InputError
+from pipelines.bench_commands import add_bench_command
 from pipelines.cluster_commands import add_cluster_commands
 from pipelines.evaluate.commands import add_eval_commands
 from pipelines.typed import ConfigTypeError
@@ -99,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_commands(sub)
     add_cluster_commands(sub)
+    add_bench_command(sub)
     return parser
 
 
