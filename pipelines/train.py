@@ -25,7 +25,8 @@ TRAIN_COLUMNS = ("pair_id", "image", "question", "chosen", "rejected")
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-              "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "warmup_stable_decay")
+              "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+              "warmup_stable_decay", "greedy")
 REPORT_TO = ("tensorboard", "wandb", "mlflow", "none")
 
 
@@ -86,8 +87,6 @@ class TrainConfig:
     def validate(self) -> list[str]:
         errs = self.workers.validate("train.workers")
         errs += self.lora.validate("train.lora")
-        if not self.model:
-            errs.append("train.model: required (hub id or local path of the base VLM)")
         if self.learning_rate <= 0:
             errs.append("train.learning_rate: must be > 0")
         if self.beta <= 0:
@@ -209,21 +208,28 @@ def train_paths(output_dir: str | Path) -> dict[str, Path]:
 
 
 def _parquet_files(data_path: str) -> list[str]:
+    """The pairs Parquet files of a folder (or one file), each checked for the columns training reads."""
+    import pyarrow.parquet as pq
+
     from actors.errors import InputError
-    p = Path(data_path)
-    if "://" in data_path:          # remote storage: let Ray Data list it
+    if "://" in data_path:          # remote storage: let Ray Data list and read it
         return [data_path]
-    if p.is_file():
-        return [str(p)]
-    files = sorted(str(f) for f in p.glob("*.parquet")) if p.is_dir() else []
+    p = Path(data_path)
+    files = [str(p)] if p.is_file() else sorted(str(f) for f in p.glob("*.parquet")) if p.is_dir() else []
     if not files:
         raise InputError("no *.parquet pairs files found (run `synthalign generate` first)", file=str(p))
+    for f in files:
+        missing = [c for c in TRAIN_COLUMNS if c not in pq.read_schema(f).names]
+        if missing:
+            raise InputError(f"not a pairs file: missing column(s) {missing}", file=f)
     return files
 
 
-def run_train(cfg: TrainConfig, data_path: str, output_dir: str, resume: bool = True, *,
+def run_train(cfg: TrainConfig, data_path: str | None, output_dir: str, resume: bool = True, *,
               fail_at_step: int | None = None) -> dict:
     """Train a LoRA adapter with DPO on Ray Train; returns a summary dict.
+
+    data_path: folder of pairs *.parquet (None: cfg.data, else `<output_dir>/pairs`).
 
     resume=True continues the Ray Train run stored under `<output_dir>/train/ray/dpo` from its latest checkpoint;
     resume=False deletes that run and the previous outputs first. `fail_at_step` is a test hook: every worker
@@ -238,11 +244,13 @@ def run_train(cfg: TrainConfig, data_path: str, output_dir: str, resume: bool = 
     from pipelines import train_worker
 
     errs = cfg.validate()
+    if not cfg.model:   # checked here, not in validate(): generate-only configs need no train.model
+        errs.append("train.model: required (hub id or local path of the base VLM)")
     if errs:
         raise ValueError("invalid train config:\n  " + "\n  ".join(errs))
+    files = _parquet_files(data_path or cfg.data or str(Path(output_dir) / "pairs"))
     if not ray.is_initialized():
         raise RuntimeError("run_train needs a Ray connection: call ray.init() first (the CLI does)")
-    files = _parquet_files(data_path)
     paths = train_paths(output_dir)
     if not resume:
         for key in ("run", "adapter", "merged", "tb"):
@@ -252,7 +260,9 @@ def run_train(cfg: TrainConfig, data_path: str, output_dir: str, resume: bool = 
     paths["root"].mkdir(parents=True, exist_ok=True)
     paths["summary"].unlink(missing_ok=True)
 
-    ds = ray.data.read_parquet(files, columns=list(TRAIN_COLUMNS))
+    # Materialized here, before the workers take their CPUs: Ray Data's budget excludes Train's reservation, so
+    # read tasks started from inside the workers can wait forever on a cluster the workers fill (2 CPUs, 2 workers).
+    ds = ray.data.read_parquet(files, columns=list(TRAIN_COLUMNS)).materialize()
     loop_config = {
         "cfg": cfg,
         "deepspeed": load_deepspeed_config(cfg.deepspeed) if cfg.deepspeed else None,

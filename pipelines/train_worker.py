@@ -38,7 +38,9 @@ def _setup_distributed_state(use_deepspeed: bool, use_cuda: bool) -> dict:
     """
     backend = "nccl" if use_cuda else "gloo"
     if not use_deepspeed:
-        return {"ddp_backend": backend}
+        # On a machine without CUDA accelerate only treats the run as distributed (MULTI_CPU) with cpu=True;
+        # without it every rank trains alone (DistributedType.NO) and the adapters silently diverge.
+        return {"ddp_backend": backend} if use_cuda else {"ddp_backend": backend, "use_cpu": True}
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
     if not use_cuda:
         _disable_deepspeed_shm_comm()
@@ -156,57 +158,78 @@ def train_loop(config: dict) -> None:
     train_ds = _hf_dataset(rows)
 
     work_dir = tempfile.mkdtemp(prefix=f"dpo-rank{rank}-")   # HF checkpoints before Ray copies them to storage
-    args = DPOConfig(
-        output_dir=work_dir, beta=cfg.beta, loss_type=[cfg.loss_type], learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_scheduler_type, warmup_ratio=cfg.warmup_ratio,
-        num_train_epochs=cfg.num_train_epochs, max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.per_device_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps, bf16=cfg.bf16, fp16=False,
-        logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=1,
-        seed=cfg.seed, report_to=[r for r in cfg.report_to if r != "none"] or "none",
-        deepspeed=ds_config, optim=cfg.optim, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        max_length=None,                 # never truncate: rows over cfg.max_length were dropped above
-        precompute_ref_log_probs=False,  # rejected by TRL for vision datasets
-        remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True, **extra)
-    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
-    model = AutoModelForImageTextToText.from_pretrained(cfg.model, dtype=dtype)
-    peft_config = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                             target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM")
+    try:
+        args = DPOConfig(
+            output_dir=work_dir, beta=cfg.beta, loss_type=[cfg.loss_type], learning_rate=cfg.learning_rate,
+            lr_scheduler_type=cfg.lr_scheduler_type, warmup_steps=cfg.warmup_ratio,  # < 1: a ratio
+            num_train_epochs=cfg.num_train_epochs, max_steps=cfg.max_steps,
+            per_device_train_batch_size=cfg.per_device_batch_size,
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps, bf16=cfg.bf16, fp16=False,
+            logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=1,
+            seed=cfg.seed, report_to=[r for r in cfg.report_to if r != "none"] or "none",
+            deepspeed=ds_config, optim=cfg.optim, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+            gradient_checkpointing=cfg.gradient_checkpointing,
+            max_length=None,                 # never truncate: rows over cfg.max_length were dropped above
+            precompute_ref_log_probs=False,  # rejected by TRL for vision datasets
+            remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True, **extra)
+        dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+        model = AutoModelForImageTextToText.from_pretrained(cfg.model, dtype=dtype)
+        peft_config = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                                 target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM")
 
-    ckpt = ray.train.get_checkpoint()
-    with (ckpt.as_directory() if ckpt else contextlib.nullcontext()) as ckpt_root:
-        resume_from = str(Path(ckpt_root) / RayTrainReportCallback.CHECKPOINT_NAME) if ckpt_root else None
-        start_step = _checkpoint_step(resume_from) if resume_from else 0
-        trainer = DPOTrainer(model=model, args=args, train_dataset=train_ds, processing_class=processor,
-                             peft_config=peft_config,
-                             callbacks=_callbacks(paths, start_step, config.get("fail_at_step")))
-        trainer.train(resume_from_checkpoint=resume_from)
+        ckpt = ray.train.get_checkpoint()
+        with (ckpt.as_directory() if ckpt else contextlib.nullcontext()) as ckpt_root:
+            resume_from = str(Path(ckpt_root) / RayTrainReportCallback.CHECKPOINT_NAME) if ckpt_root else None
+            start_step = _checkpoint_step(resume_from) if resume_from else 0
+            trainer = DPOTrainer(model=model, args=args, train_dataset=train_ds, processing_class=processor,
+                                 peft_config=peft_config,
+                                 callbacks=_callbacks(paths, start_step, config.get("fail_at_step")))
+            trainer.train(resume_from_checkpoint=resume_from)
 
-    # Every rank takes part (ZeRO-3 gathers the adapter); only the main process writes.
-    trainer.save_model(paths["adapter"])
-    if trainer.is_world_process_zero():
-        processor.save_pretrained(paths["adapter"])
-        trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
-        if cfg.merge_adapter:
-            _merge(cfg, paths, dtype)
-        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        Path(paths["summary"]).write_text(json.dumps({
-            "steps": trainer.state.global_step, "final_loss": losses[-1] if losses else None,
-            "resumed_from_step": start_step, "rows_used": len(rows), "rows_dropped": sum(dropped.values()),
-            "rows_dropped_by_reason": dropped, "world_size": ctx.get_world_size(),
-            "deepspeed_stage": (ds_config or {}).get("zero_optimization", {}).get("stage"),
-            "trainable_tensors": len(trainable), "trainable_params": sum(
-                p.numel() for p in trainer.model.parameters() if p.requires_grad),
-            "trainable_names_all_lora": all("lora_" in n for n in trainable),
-        }, indent=2))
-    shutil.rmtree(work_dir, ignore_errors=True)
+        # Every rank takes part (ZeRO-3 gathers the adapter; the checksums are a collective); rank 0 writes.
+        trainer.save_model(paths["adapter"])
+        checksums = _replica_checksums(trainer, ds_config)
+        if trainer.is_world_process_zero():
+            processor.save_pretrained(paths["adapter"])
+            trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+            if cfg.merge_adapter:
+                _merge(cfg, paths, dtype)
+            losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+            Path(paths["summary"]).write_text(json.dumps({
+                "steps": trainer.state.global_step, "final_loss": losses[-1] if losses else None,
+                "resumed_from_step": start_step, "rows_used": len(rows), "rows_dropped": sum(dropped.values()),
+                "rows_dropped_by_reason": dropped, "world_size": ctx.get_world_size(),
+                "deepspeed_stage": (ds_config or {}).get("zero_optimization", {}).get("stage"),
+                "trainable_tensors": len(trainable), "trainable_params": sum(
+                    getattr(p, "ds_numel", p.numel()) for p in trainer.model.parameters() if p.requires_grad),
+                "trainable_names_all_lora": all("lora_" in n for n in trainable),
+                "distributed_type": str(trainer.accelerator.distributed_type).split(".")[-1],
+                "num_processes": trainer.accelerator.num_processes, "replica_checksums": checksums,
+            }, indent=2))
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def _replica_checksums(trainer, ds_config) -> list[float] | None:
+    """Sum of the trainable weights on every rank: data-parallel replicas must agree (None under ZeRO-3)."""
+    import torch.distributed as dist
+    if (ds_config or {}).get("zero_optimization", {}).get("stage") == 3:
+        return None
+    local = sum(float(p.detach().double().sum()) for p in trainer.model.parameters() if p.requires_grad)
+    if not (dist.is_available() and dist.is_initialized()):
+        return [local]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, local)
+    return out
 
 
 def _merge(cfg, paths: dict, dtype) -> None:
     """Reload the base model, apply the saved adapter, merge and save (works whatever ZeRO stage trained it)."""
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+    # Under ZeRO-3 from_pretrained would partition the weights with a collective only this rank joins (hang).
+    unset_hf_deepspeed_config()
     base = AutoModelForImageTextToText.from_pretrained(cfg.model, dtype=dtype)
     merged = PeftModel.from_pretrained(base, paths["adapter"]).merge_and_unload()
     merged.save_pretrained(paths["merged"])

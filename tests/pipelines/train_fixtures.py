@@ -11,8 +11,9 @@ COLOURS = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220), 
 QUESTION = "What color is the image? Answer using a single word."
 
 
-def make_pairs_parquet(out_dir: str | Path, n: int = 64, seed: int = 0, files: int = 2) -> Path:
-    """Write `n` pairs as `files` Parquet files under out_dir; returns the folder."""
+def make_pairs_parquet(out_dir: str | Path, n: int = 64, seed: int = 0, files: int = 2, bad_rows: int = 0) -> Path:
+    """Write `n` good pairs plus `bad_rows` untrainable ones (alternately chosen == rejected and an empty
+    question) as `files` Parquet files under out_dir; returns the folder."""
     import random
 
     import pyarrow as pa
@@ -37,6 +38,14 @@ def make_pairs_parquet(out_dir: str | Path, n: int = 64, seed: int = 0, files: i
             "chosen_model": "tiny-a", "rejected_model": "tiny-b", "seed": i, "guidance_scale": 7.5,
             "image_score": 0.9, "gt_objects": [colour],
         })
+    for j in range(bad_rows):
+        bad = dict(rows[j], pair_id=f"bad{j:03d}")
+        if j % 2 == 0:
+            bad["rejected"] = bad["chosen"]
+        else:
+            bad["question"] = ""
+        rows.append(bad)
+    n = len(rows)
     schema = pa.schema([
         ("pair_id", pa.string()), ("prompt_id", pa.string()), ("image", pa.binary()),
         ("image_prompt", pa.string()), ("question", pa.string()), ("chosen", pa.string()),
