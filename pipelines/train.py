@@ -12,6 +12,7 @@ Layout under `<output_dir>/train/`:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -207,6 +208,16 @@ def train_paths(output_dir: str | Path) -> dict[str, Path]:
             "summary": root / "summary.json"}
 
 
+def _absolute_if_local(path: str, key: str) -> str:
+    from actors.errors import InputError
+    p = Path(path).expanduser()
+    if p.exists():
+        return str(p.resolve())
+    if path.startswith(("/", "./", "../", "~", ".")):
+        raise InputError(f"model folder not found: {path}", field=key)
+    return path  # a hub id
+
+
 def _parquet_files(data_path: str) -> list[str]:
     """The pairs Parquet files of a folder (or one file), each checked for the columns training reads."""
     import pyarrow.parquet as pq
@@ -214,7 +225,7 @@ def _parquet_files(data_path: str) -> list[str]:
     from actors.errors import InputError
     if "://" in data_path:          # remote storage: let Ray Data list and read it
         return [data_path]
-    p = Path(data_path)
+    p = Path(data_path).resolve()
     files = [str(p)] if p.is_file() else sorted(str(f) for f in p.glob("*.parquet")) if p.is_dir() else []
     if not files:
         raise InputError("no *.parquet pairs files found (run `synthalign generate` first)", file=str(p))
@@ -243,11 +254,16 @@ def run_train(cfg: TrainConfig, data_path: str | None, output_dir: str, resume: 
     from cluster.resources import scaling_config
     from pipelines import train_worker
 
+    from actors.errors import InputError
     errs = cfg.validate()
     if not cfg.model:   # checked here, not in validate(): generate-only configs need no train.model
         errs.append("train.model: required (hub id or local path of the base VLM)")
     if errs:
-        raise ValueError("invalid train config:\n  " + "\n  ".join(errs))
+        key, _, msg = errs[0].partition(": ")
+        raise InputError(msg + (f" (and {len(errs) - 1} more problem(s))" if len(errs) > 1 else ""), field=key)
+    # Ray Train workers run in their own working directory: hand them absolute local paths.
+    output_dir = str(Path(output_dir).resolve())
+    cfg = dataclasses.replace(cfg, model=_absolute_if_local(cfg.model, "train.model"))
     files = _parquet_files(data_path or cfg.data or str(Path(output_dir) / "pairs"))
     if not ray.is_initialized():
         raise RuntimeError("run_train needs a Ray connection: call ray.init() first (the CLI does)")

@@ -45,7 +45,10 @@ def ray_local():
     """One local Ray for the whole test run (ray.init costs 8-15 s here); Prometheus on METRICS_PORT."""
     import ray
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=METRICS_PORT)
+        # RAY_API_SERVER_ADDRESS: with other local clusters on the machine, Ray Train's placement-group cleaner
+        # could query another cluster's dashboard, take our run for dead and kill it (see test_train.py).
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=METRICS_PORT,
+                 runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": "http://127.0.0.1:9"}})
     yield ray
     ray.shutdown()
 

@@ -181,7 +181,7 @@ def test_run_train_rejects_bad_input_before_starting_anything(assets, tmp_path):
     import pyarrow.parquet as pq
 
     from actors.errors import InputError
-    with pytest.raises(ValueError, match="train.model"):
+    with pytest.raises(InputError, match="train.model"):
         run_train(TrainConfig(), str(assets["data"]), str(tmp_path))
     with pytest.raises(InputError, match="no \\*.parquet"):
         run_train(tiny_cfg(assets), str(tmp_path / "empty"), str(tmp_path))
