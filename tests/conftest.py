@@ -25,6 +25,15 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
+def coco_vocab():
+    """The 80 COCO classes with their synonyms, from the shared reference data."""
+    from actors.objects import ObjectVocab
+    if not SYNONYMS.exists():
+        pytest.skip(f"reference data not found at {SYNONYMS}")
+    return ObjectVocab.from_file(SYNONYMS)
+
+
+@pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     from actors.tiny import make_tiny
     return make_tiny(tmp_path_factory.mktemp("tiny"))

@@ -1,20 +1,13 @@
 import pickle
-from pathlib import Path
 
 import pytest
 
 from actors.errors import InputError
 from actors.objects import ObjectVocab
 
-DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
-SYNONYMS = DATA / "objhal" / "synonyms_refine.txt"
-
-
 @pytest.fixture(scope="module")
-def vocab():
-    if not SYNONYMS.exists():
-        pytest.skip(f"reference data not found at {SYNONYMS}")
-    return ObjectVocab.from_file(SYNONYMS)
+def vocab(coco_vocab):
+    return coco_vocab
 
 
 def test_real_file_loads_80_classes(vocab):
