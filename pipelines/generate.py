@@ -24,7 +24,7 @@ from actors.prompts import QuestionExpander, default_classes, load_prompts
 from actors.rewards import RewardScorer
 from actors.sampling import AnswerSampler
 from actors.select import ImageSelection
-from cluster.resources import map_batches_kwargs, task_kwargs
+from cluster.resources import map_batches_kwargs
 from pipelines.config import RunConfig
 from pipelines.outputs import AtomicParquetSink, clean_partial, done_prompts, finalize
 
@@ -60,34 +60,48 @@ def prompt_table(rows: list[dict]):
     })
 
 
-def build_pipeline(cfg: RunConfig, prompts, vocab: ObjectVocab):
-    """Chain the stages on a Ray Data dataset of prompt rows; the column contract is checked first."""
+def build_pipeline(cfg: RunConfig, prompts, vocab: ObjectVocab, stages: dict | None = None):
+    """Chain the stages on a Ray Data dataset of prompt rows; the column contract is checked first.
+
+    `stages` swaps stage classes (keys images, selection, sampling, rewards) for stand-ins with the same
+    constructor and columns: the benchmark's simulated GPU cluster runs this exact wiring with them.
+    """
     import ray.data
-    check_chain(PROMPT_COLUMNS, [ImageSynthesis, ImageSelection, QuestionExpander]
-                + [AnswerSampler] * len(cfg.samplers) + [RewardScorer, PairBuilder])
+    cls = {"images": ImageSynthesis, "selection": ImageSelection, "sampling": AnswerSampler,
+           "rewards": RewardScorer, **(stages or {})}
+    check_chain(PROMPT_COLUMNS, [cls["images"], cls["selection"], QuestionExpander]
+                + [cls["sampling"]] * len(cfg.samplers) + [cls["rewards"], PairBuilder])
     # Blocks of about one images batch keep every pool fed from the first rows on.
     rows_per_block = max(cfg.pool("images").batch_size, -(-prompts.num_rows // 1000))
     ds = ray.data.from_arrow([prompts.slice(i, rows_per_block)
                               for i in range(0, prompts.num_rows, rows_per_block)])
 
-    def stage(ds, cls, pool, **ctor):
+    def stage(ds, fn, pool, **ctor):
         kwargs = map_batches_kwargs(pool)
         if cfg.faults and cfg.faults.stage:  # test-only fault injection travels as an env var
             kwargs["runtime_env"]["env_vars"][FAULTS_ENV] = json.dumps(
                 {**dataclasses.asdict(cfg.faults),
                  "marker_dir": cfg.faults.marker_dir or str(Path(cfg.output_dir, ".faults"))})
-        return ds.map_batches(cls, fn_constructor_kwargs={**ctor, "threads": pool.threads},
+        return ds.map_batches(fn, fn_constructor_kwargs={**ctor, "threads": pool.threads},
                               batch_format="pyarrow", **kwargs)
 
-    ds = stage(ds, ImageSynthesis, cfg.pool("images"), cfg=cfg.images)
-    ds = stage(ds, ImageSelection, cfg.pool("selection"), cfg=cfg.selection)
-    ds = ds.map_batches(_expand_questions, batch_format="pyarrow", **task_kwargs(0.1))
+    ds = stage(ds, cls["images"], cfg.pool("images"), cfg=cfg.images)
+    # The cheap row-wise steps ride in the actor before them (see _then).
+    ds = stage(ds, _then(cls["selection"], _expand_questions), cfg.pool("selection"), cfg=cfg.selection)
     for sampler in cfg.samplers:
-        ds = stage(ds, AnswerSampler, cfg.pool("sampling", sampler), cfg=sampler)
-    ds = stage(ds, RewardScorer, cfg.pool("rewards"), cfg=cfg.rewards, vocab=vocab)
-    # Batches of one shard: rows reach scored/ as soon as a shard's worth is done.
-    return ds.map_batches(_build_pairs, fn_kwargs={"min_margin": cfg.pairs.min_margin},
-                          batch_format="pyarrow", batch_size=cfg.rows_per_shard, **task_kwargs(0.1))
+        ds = stage(ds, cls["sampling"], cfg.pool("sampling", sampler), cfg=sampler)
+    return stage(ds, _then(cls["rewards"], _build_pairs, min_margin=cfg.pairs.min_margin), cfg.pool("rewards"),
+                 cfg=cfg.rewards, vocab=vocab)
+
+
+def _then(cls, step, **step_kwargs):
+    """`cls` whose calls also run the cheap row-wise `step` on their output, in the same actor: a separate
+    task per batch costs a hop through the object store and, on a busy node, often a fresh worker process
+    (about 1 s of CPU each); measured in BENCHMARKS.md. Keeps the stage's name for the dashboard."""
+    def __call__(self, batch):
+        return step(cls.__call__(self, batch), **step_kwargs)
+    return type(cls.__name__, (cls,), {"__call__": __call__, "__module__": __name__,
+                                       "__qualname__": f"_then.{cls.__name__}"})
 
 
 def _expand_questions(batch):

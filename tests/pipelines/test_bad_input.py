@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ROOT, SHARED_DATA
+from conftest import ROOT
 from pipelines.cli import main
 
 TINY = str(ROOT / "configs" / "tiny.yaml")
