@@ -27,6 +27,7 @@ class SamplerConfig:
     prompt_suffix: str = ""            # e.g. POPE's "Answer the question using a single word or phrase."
     max_model_len: int = 4096          # vllm only
     trust_remote_code: bool = False
+    adapter: str | None = None         # a PEFT LoRA adapter folder, merged into the model on load
 
     @property
     def label(self) -> str:
@@ -44,6 +45,9 @@ class SamplerConfig:
             errs.append(f"{key}.n: n > 1 needs temperature > 0 (greedy gives n identical answers)")
         if self.max_new_tokens < 1:
             errs.append(f"{key}.max_new_tokens: must be >= 1")
+        if self.adapter and self.backend == "vllm":
+            errs.append(f"{key}.adapter: the vllm backend takes merged weights (train.merge_adapter: true, "
+                        "then point model at train/merged)")
         return errs
 
 
@@ -65,7 +69,11 @@ class TransformersBackend:
         self.processor.tokenizer.padding_side = "left"  # decoder-only batches pad on the left
         self.model = AutoModelForImageTextToText.from_pretrained(
             cfg.model, dtype=torch_dtype(cfg.dtype), trust_remote_code=cfg.trust_remote_code
-        ).to(self.device).eval()
+        )
+        if cfg.adapter:  # e.g. the DPO-trained adapter, for a before/after evaluation
+            from peft import PeftModel
+            self.model = PeftModel.from_pretrained(self.model, cfg.adapter).merge_and_unload()
+        self.model = self.model.to(self.device).eval()
 
     def _generate(self, images, prompts, seed: int | None) -> list[list[str]]:
         cfg = self.cfg

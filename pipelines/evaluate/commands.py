@@ -5,7 +5,14 @@ import json
 
 
 def cmd_eval(args) -> int:
-    if args.eval_cmd == "pope-score":
+    if args.eval_cmd == "pope":
+        from cluster.connect import connect
+        from cluster.resources import PoolConfig
+        from pipelines.evaluate.run_pope import eval_pope
+        pool = PoolConfig(size=args.pool_size, batch_size=args.batch_size, num_gpus=args.num_gpus)
+        connect(args.address)
+        result = eval_pope(args.questions, args.image_dir, args.model, args.adapter, args.backend, args.out, pool)
+    elif args.eval_cmd == "pope-score":
         from pipelines.evaluate.pope import pope_score_cli
         result = pope_score_cli(args.questions, args.answers)
     else:
@@ -18,6 +25,18 @@ def cmd_eval(args) -> int:
 def add_eval_commands(sub) -> None:
     p = sub.add_parser("eval", help="evaluation and scoring")
     esub = p.add_subparsers(dest="eval_cmd", required=True)
+    e = esub.add_parser("pope", help="answer POPE questions with a model (+ adapter), then score them")
+    e.add_argument("--questions", required=True, help="POPE question file (JSON Lines)")
+    e.add_argument("--image-dir", required=True, help="folder with the images the questions name")
+    e.add_argument("--model", required=True, help="VLM hub id or local folder")
+    e.add_argument("--adapter", help="PEFT LoRA adapter folder (e.g. RUN/train/adapter)")
+    e.add_argument("--backend", choices=["transformers", "vllm"], default="transformers")
+    e.add_argument("--out", help="folder for answers.jsonl and metrics.json (default eval/<questions stem>)")
+    e.add_argument("--pool-size", type=int, default=1)
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per answering actor")
+    e.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+    e.add_argument("--json", action="store_true")
     e = esub.add_parser("pope-score", help="score POPE answers exactly as the official evaluate.py")
     e.add_argument("--questions", required=True)
     e.add_argument("--answers", required=True)

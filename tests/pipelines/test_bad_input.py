@@ -82,6 +82,8 @@ CASES = {
     "mmhal reviews malformed": (lambda t: ["eval", "mmhal-score", "--reviews",
                                            write(t, "r.json", json.dumps([{"question": "q"}]))], ["r.json"]),
     "pairs missing columns": (lambda t: ["export", _bad_pairs(t)], ["lacks column", "field 'image'"]),
+    "image folder missing": (lambda t: ["eval", "pope", "--questions", pope_files(t, [])[3], "--image-dir",
+                                        str(t / "no-images"), "--model", "m"], ["no-images", "image folder not found"]),
     "output dir not writable": (lambda t: ["generate", TINY, "--set", "output_dir=/proc/synthalign-x"], ["not writable"]),
     "nothing listening at --address": (lambda t: ["generate", TINY, "--set", f"output_dir={t}/o",
                                                   "--address", "127.0.0.1:9"], ["--address", "nothing is listening"]),
