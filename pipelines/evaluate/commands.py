@@ -8,8 +8,9 @@ def cmd_eval(args) -> int:
     if args.eval_cmd == "pope":
         from cluster.connect import connect
         from cluster.resources import PoolConfig
-        from pipelines.evaluate.run_pope import eval_pope
+        from pipelines.evaluate.run_pope import check_pope_inputs, eval_pope
         pool = PoolConfig(size=args.pool_size, batch_size=args.batch_size, num_gpus=args.num_gpus)
+        check_pope_inputs(args.questions, args.image_dir, args.model, args.adapter, args.backend)
         connect(args.address)
         result = eval_pope(args.questions, args.image_dir, args.model, args.adapter, args.backend, args.out, pool)
     elif args.eval_cmd == "pope-score":

@@ -27,6 +27,21 @@ def check_images(questions: list[dict], image_dir: Path) -> None:
                          file=str(image_dir))
 
 
+def check_pope_inputs(questions_path, image_dir, model: str, adapter: str | None = None,
+                      backend: str = "transformers", max_new_tokens: int = 16):
+    """Everything about the inputs that can be wrong, checked before any Ray work."""
+    questions = load_questions(questions_path)
+    check_images(questions, Path(image_dir))
+    if adapter and not Path(adapter).is_dir():
+        raise InputError("adapter folder not found", file=str(adapter), field="--adapter")
+    sampler = SamplerConfig(model=model, name="eval", backend=backend, n=1, temperature=0.0,
+                            max_new_tokens=max_new_tokens, prompt_suffix=POPE_SUFFIX, adapter=adapter)
+    errs = sampler.validate("model")
+    if errs:
+        raise InputError(errs[0])
+    return questions, sampler
+
+
 def _read_images(batch, image_dir: str):
     import pyarrow as pa
     data = [(Path(image_dir) / name).read_bytes() for name in batch.column("image_file").to_pylist()]
@@ -57,16 +72,8 @@ def eval_pope(questions_path: str | Path, image_dir: str | Path, model: str, ada
               backend: str = "transformers", out_dir: str | Path | None = None,
               pool: PoolConfig | None = None, max_new_tokens: int = 16) -> dict:
     """Answer and score one POPE question file; writes answers.jsonl and metrics.json to out_dir."""
-    questions = load_questions(questions_path)
+    questions, sampler = check_pope_inputs(questions_path, image_dir, model, adapter, backend, max_new_tokens)
     image_dir = Path(image_dir)
-    check_images(questions, image_dir)
-    if adapter and not Path(adapter).is_dir():
-        raise InputError("adapter folder not found", file=str(adapter), field="--adapter")
-    sampler = SamplerConfig(model=model, name="eval", backend=backend, n=1, temperature=0.0,
-                            max_new_tokens=max_new_tokens, prompt_suffix=POPE_SUFFIX, adapter=adapter)
-    errs = sampler.validate("model")
-    if errs:
-        raise InputError(errs[0])
     answers = answer_questions(questions, image_dir, sampler, pool or PoolConfig(batch_size=16))
     labels = [q["label"] for q in questions]
     texts = [answers.get(str(q["question_id"]), "") for q in questions]
