@@ -61,7 +61,19 @@ def cmd_train(args) -> int:
 def cmd_run(args) -> int:
     args.data = None
     cmd_generate(args)
-    return cmd_train(args)
+    cmd_train(args)
+    from pipelines.config import load_config
+    from pipelines.run_report import write_report
+    md, html = write_report(load_config(args.config, args.overrides).output_dir)
+    print(f"report: {md} and {html}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from pipelines.run_report import write_report
+    md, html = write_report(args.run)
+    print(f"report: {md} and {html}")
+    return 0
 
 
 def cmd_export(args) -> int:
@@ -81,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_make_tiny)
 
     for name, fn, help_ in (("generate", cmd_generate, "make preference pairs"),
-                            ("run", cmd_run, "generate, then train")):
+                            ("run", cmd_run, "generate, train, then write the report")):
         p = sub.add_parser(name, help=help_)
         _config_args(p)
         p.add_argument("--overwrite", action="store_true", help="replace a run of another config")
@@ -91,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--data", help="pairs folder (default: train.data or OUTPUT_DIR/pairs)")
     p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("report", help="write report.md and report.html with plots for a run")
+    p.add_argument("run", help="run folder (output_dir)")
+    p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser("export", help="write a run's pairs in another format")
     p.add_argument("run", help="run folder (output_dir) or pairs folder")
