@@ -33,6 +33,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, dashboard: 
         check_listening(address)
         ray.init(address=address, log_to_driver=True)
         return address
-    ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+    # address="local": a fresh cluster, never one that happens to run on this machine already.
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
              log_to_driver=True)
     return "local"

@@ -42,12 +42,40 @@ def config_in_project(config: str, root: Path) -> str:
                          "copy it under configs/", file=config) from None
 
 
+# Local files a run config names. A relative path is read in the job's working_dir (the uploaded copy of
+# the project), so one that climbs out of the project folder cannot exist there.
+FILE_KEYS = ("rewards.synonyms_file", "prompts.file", "prompts.instructions_file", "train.deepspeed")
+
+
+def check_for_cluster(cfg, root: Path) -> list[str]:
+    """Fail on relative paths the job cannot see; return notes on what will surprise on a cluster."""
+    for key in FILE_KEYS:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name, None)
+        if not value or "://" in str(value) or Path(value).expanduser().is_absolute():
+            continue
+        try:
+            (root / value).resolve().relative_to(root.resolve())
+        except ValueError:
+            raise InputError(f"{value} is outside the project folder, so the job will not have it; "
+                             f"use an absolute path that exists on the cluster: --set {key}=/path/on/cluster",
+                             field=key) from None
+    notes = []
+    if "://" not in cfg.output_dir and not Path(cfg.output_dir).is_absolute():
+        notes.append(f"output_dir '{cfg.output_dir}' is relative: the job writes it inside its working_dir "
+                     "copy on the head, which Ray deletes later; on a multi-node cluster use a folder every "
+                     "node mounts, e.g. --set output_dir=/mnt/shared/runs/NAME")
+    return notes
+
+
 def cmd_submit(args) -> int:
     from cluster import submit as jobs
     from pipelines.config import load_config
     root = Path(args.working_dir or jobs.PROJECT_ROOT)
     rel = config_in_project(args.config, root)
-    load_config(args.config, args.overrides)  # bad keys and values fail here, before anything is uploaded
+    cfg = load_config(args.config, args.overrides)  # bad keys and values fail here, before any upload
+    for note in check_for_cluster(cfg, root):
+        print(f"synthalign: note: {note}", file=sys.stderr)
     entry = ["synthalign", args.job, rel]
     for s in args.overrides:
         entry += ["--set", s]
@@ -61,12 +89,19 @@ def cmd_submit(args) -> int:
         print(f"follow it: synthalign jobs logs {job_id} --follow --address {jobs.normalize_address(args.address)}")
         return 0
     sys.stdout.flush()
+    _quiet_sdk()
     for chunk in jobs.tail_logs(args.address, job_id):
         sys.stdout.write(chunk)
         sys.stdout.flush()
     final = jobs.wait(args.address, job_id)  # the log stream ends just before the status settles
     print(f"job {job_id}: {final}")
     return 0 if final == "SUCCEEDED" else 1
+
+
+def _quiet_sdk() -> None:
+    # The SDK logs "WebSocket closed for job ..." at INFO when a log stream ends; the CLI prints the outcome.
+    import logging
+    logging.getLogger("ray.dashboard.modules.job.sdk").setLevel(logging.WARNING)
 
 
 def cmd_status(args) -> int:
@@ -82,6 +117,7 @@ def cmd_status(args) -> int:
 def cmd_logs(args) -> int:
     from cluster import submit as jobs
     if args.follow:
+        _quiet_sdk()
         for chunk in jobs.tail_logs(args.address, args.job_id):
             sys.stdout.write(chunk)
             sys.stdout.flush()
