@@ -26,11 +26,12 @@ def check_listening(address: str, timeout: float = 3.0) -> None:
 def connect(address: str | None = None, num_cpus: int | None = None, dashboard: bool = True) -> str:
     """Attach to `address` (or RAY_ADDRESS), else start a local Ray bound to 127.0.0.1."""
     import ray
-    if ray.is_initialized():
-        return "already connected"
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        check_listening(address)
+        check_listening(address)  # an explicit address is checked even when Ray is already up
+    if ray.is_initialized():
+        return "already connected"
+    if address:
         ray.init(address=address, log_to_driver=True)
         return address
     # address="local": a fresh cluster, never one that happens to run on this machine already.

@@ -5,10 +5,17 @@ Differences from the official script, all about input handling, none about the n
   silently mis-scores a reordered or partial answer file); unpaired ids are an error;
 - zero denominators give 0.0 instead of ZeroDivisionError;
 - labels must be "yes"/"no" (the script treats anything but "no" as yes).
+
+`controlled_pope_questions` builds POPE-style questions for our own generated images, where the prompt says
+which objects are in each image (`gt_objects`), so hallucination is measured without human labels.
 """
 from __future__ import annotations
 
 import json
+import random
+import re
+from collections import Counter
+from itertools import combinations
 from pathlib import Path
 
 from actors.errors import InputError
@@ -148,3 +155,86 @@ def score_pope(questions_path: str | Path, answers_path: str | Path) -> dict:
 def pope_score_cli(questions: str | Path, answers: str | Path) -> dict:
     """Entry point for `synthalign eval pope`: returns the metrics dict (the CLI prints it as JSON)."""
     return score_pope(questions, answers)
+
+
+# ---- controlled POPE on generated images -------------------------------------------------------------------
+POPE_QUESTION = "Is there a {} in the image?"   # POPE's wording, "a" even before vowels, as its files have
+STRATEGIES = ("random", "popular", "adversarial")
+
+
+def image_file_name(prompt_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", str(prompt_id)) + ".png"
+
+
+def controlled_pope_questions(rows: list[dict], vocab, n_neg: int = 3, strategy: str = "random",
+                              seed: int = 0) -> list[dict]:
+    """POPE questions about generated images: `rows` carry prompt_id and gt_objects (class names or synonyms).
+
+    Per image, k = min(n_neg, objects present, objects absent) "yes" questions about objects the prompt put in
+    the image and k "no" questions about absent classes, so labels are balanced. Absent classes are chosen as
+    POPE does: uniformly ("random"), the most frequent across these rows' gt_objects ("popular"), or those
+    co-occurring most often with the image's objects ("adversarial"); ties are broken by a seeded shuffle.
+    Rows sharing a prompt_id (a run's pairs: one row per question about the same image) count once.
+    Returns POPE question dicts (question_id from 1, image = image_file_name(prompt_id), text, label) plus
+    `prompt_id` and `object`.
+    """
+    if strategy not in STRATEGIES:
+        raise InputError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}", field="strategy")
+    if n_neg < 1:
+        raise InputError("n_neg must be >= 1", field="n_neg")
+    images: dict[str, list[str]] = {}
+    for i, r in enumerate(rows):
+        gt = []
+        for name in r["gt_objects"]:
+            cls = vocab.canonical(name)
+            if cls is None:   # a typo would turn a present object into a "no" question
+                raise InputError(f"unknown object {name!r}: not in the object vocabulary", row=i + 1,
+                                 field="gt_objects")
+            gt.append(cls)
+        images.setdefault(str(r["prompt_id"]), list(dict.fromkeys(gt)))
+    freq = Counter(c for gt in images.values() for c in gt)
+    cooc = Counter()
+    for gt in images.values():
+        for a, b in combinations(gt, 2):
+            cooc[a, b] += 1
+            cooc[b, a] += 1
+    out = []
+    for pid, gt in images.items():
+        # Seeded by image, not by position: the same image gets the same questions in any subset or order.
+        rng = random.Random(f"pope:{seed}:{strategy}:{pid}")
+        absent = [c for c in vocab.classes if c not in gt]
+        k = min(n_neg, len(gt), len(absent))
+        if k == 0:
+            continue
+        present = rng.sample(gt, k)
+        rng.shuffle(absent)   # the tie-break: sorted() below is stable
+        if strategy == "random":
+            negatives = absent[:k]
+        elif strategy == "popular":
+            negatives = sorted(absent, key=lambda c: -freq[c])[:k]
+        else:
+            negatives = sorted(absent, key=lambda c: -sum(cooc[g, c] for g in gt))[:k]
+        for yes, no in zip(present, negatives):   # yes/no alternate, as in the POPE files
+            for obj, label in ((yes, "yes"), (no, "no")):
+                out.append({"question_id": len(out) + 1, "image": image_file_name(pid),
+                            "text": POPE_QUESTION.format(obj), "label": label, "prompt_id": pid, "object": obj})
+    return out
+
+
+def write_pope_set(rows: list[dict], questions: list[dict], out_dir: str | Path) -> tuple[Path, Path]:
+    """Write `questions` as a POPE question file and the rows' PNG bytes (`image`) as the files they name.
+
+    Returns (questions.jsonl, images/), ready for `eval_pope`.
+    """
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    wanted = {q["image"] for q in questions}
+    for r in rows:
+        name = image_file_name(r["prompt_id"])
+        if name in wanted:
+            (out / "images" / name).write_bytes(r["image"])
+            wanted.discard(name)
+    with open(out / "questions.jsonl", "w") as f:
+        for q in questions:
+            f.write(json.dumps(q) + "\n")
+    return out / "questions.jsonl", out / "images"
