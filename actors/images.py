@@ -10,6 +10,7 @@ from actors.runtime import add_node_tag, device_for, png_bytes, setup_torch, tor
 
 @dataclass
 class ImagesConfig:
+    backend: str = "diffusers"         # diffusers | shapes (actors/shapes.py draws the prompt; no model)
     model: str = ""                    # diffusers pipeline: hub id or local folder
     guidance_scales: list[float] = field(default_factory=lambda: [5.0, 7.0, 9.0, 11.0])
     per_scale: int = 1                 # candidates per guidance scale
@@ -23,7 +24,9 @@ class ImagesConfig:
 
     def validate(self) -> list[str]:
         errs = []
-        if not self.model:
+        if self.backend not in ("diffusers", "shapes"):
+            errs.append("images.backend: must be 'diffusers' or 'shapes'")
+        if not self.model and self.backend == "diffusers":
             errs.append("images.model: required")
         if not self.guidance_scales:
             errs.append("images.guidance_scales: must list at least one guidance scale")
@@ -42,14 +45,19 @@ class ImageSynthesis:
 
     def __init__(self, cfg: ImagesConfig, threads: int = 1):
         torch = setup_torch(threads)
-        from diffusers import DiffusionPipeline
         self.cfg, self.torch = cfg, torch
+        if cfg.backend == "shapes":  # same columns and seeds, drawn with PIL instead of diffused
+            return
+        from diffusers import DiffusionPipeline
         self.device = device_for(cfg.device)
         self.pipe = DiffusionPipeline.from_pretrained(cfg.model, dtype=torch_dtype(cfg.dtype))
         self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
 
     def render(self, prompt: str, guidance: float, seed: int):
+        if self.cfg.backend == "shapes":
+            from actors.shapes import render
+            return render(prompt, seed, self.cfg.width, self.cfg.height)
         gen = self.torch.Generator(device="cpu").manual_seed(seed)
         kwargs = dict(prompt=prompt, guidance_scale=guidance, num_inference_steps=self.cfg.steps,
                       height=self.cfg.height, width=self.cfg.width, generator=gen)

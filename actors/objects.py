@@ -148,3 +148,31 @@ class ObjectVocab:
             return self.synonyms[key]
         key = " ".join(self.tokens(name))
         return self._phrases.get(key)
+
+    # ---- answers to existence questions ---------------------------------------------------------------------
+    def asked_object(self, question: str) -> str | None:
+        """The class a yes/no existence question asks about ("Is there a dog in the image?"), else None."""
+        m = _EXISTENCE.match(question.strip())
+        return self.canonical(m.group(1)) if m else None
+
+    def asserted(self, question: str, answer: str) -> list[str]:
+        """Classes an answer claims are in the image: its mentions, where a "yes" to an existence question
+        claims the asked object and a "no" takes it back ("No, there is no dog" claims no dog)."""
+        found = self.mentions(answer)
+        asked = self.asked_object(question)
+        if asked is None:
+            return found
+        rest = [c for c in found if c != asked]
+        return rest if says_no(answer) else [asked] + rest
+
+
+# "Is there a/an/any X in the image/picture/photo?" (POPE's wording and its close variants).
+_EXISTENCE = re.compile(r"(?:is|are) there (?:an? |any )?(.+?) in (?:the|this) (?:image|picture|photo)\b",
+                        re.IGNORECASE)
+
+
+def says_no(answer: str) -> bool:
+    """The official POPE answer rule (pipelines/evaluate/pope.py), kept identical so that the reward and the
+    benchmark agree on what a "no" is: first sentence, commas dropped, a token `No`, `no` or `not`."""
+    words = answer.split(".")[0].replace(",", "").split(" ")
+    return "No" in words or "no" in words or "not" in words

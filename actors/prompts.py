@@ -49,7 +49,7 @@ def default_classes() -> list[str]:
 
 @dataclass
 class PromptsConfig:
-    source: str = "generate"          # generate | file
+    source: str = "generate"          # generate | file | shapes (actors/shapes.py: exact gt_objects)
     num_prompts: int = 16
     seed: int = 0
     instructions_per_prompt: int = 1
@@ -59,9 +59,9 @@ class PromptsConfig:
 
     def validate(self) -> list[str]:
         errs = []
-        if self.source not in ("generate", "file"):
-            errs.append("prompts.source: must be 'generate' or 'file'")
-        if self.source == "generate" and self.num_prompts <= 0:
+        if self.source not in ("generate", "file", "shapes"):
+            errs.append("prompts.source: must be 'generate', 'file' or 'shapes'")
+        if self.source in ("generate", "shapes") and self.num_prompts <= 0:
             errs.append("prompts.num_prompts: must be > 0")
         if self.instructions_per_prompt <= 0:
             errs.append("prompts.instructions_per_prompt: must be > 0")
@@ -160,6 +160,10 @@ def load_prompts(cfg: PromptsConfig, mentions=None) -> list[dict]:
     if cfg.source == "generate":
         classes = default_classes()
         return [generate_prompt(cfg.seed, i, cfg.max_objects, cfg.instructions_per_prompt, classes)
+                for i in range(cfg.num_prompts)]
+    if cfg.source == "shapes":
+        from actors.shapes import shapes_prompt_row
+        return [shapes_prompt_row(cfg.seed, i, cfg.instructions_per_prompt, cfg.max_objects)
                 for i in range(cfg.num_prompts)]
     path = Path(cfg.file)
     rows = _from_jsonl(path) if path.suffix in (".jsonl", ".json") else _from_text(path, cfg.instructions_file)

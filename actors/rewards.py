@@ -1,5 +1,6 @@
 """Rewards for candidate answers: a text reward model (as ArmoRM is used), a CLIP image-answer score, and a
-hallucination penalty (objects the answer mentions that the prompt did not put in the image).
+hallucination penalty (objects the answer mentions that the prompt did not put in the image) and an optional
+coverage term (share of the image's objects the answer mentions; off by default).
 
 Each term is z-normalised within the candidates of one (image, question) before the weighted sum, so
 terms on different scales weigh as configured and a row's reward never depends on its batch.
@@ -13,7 +14,7 @@ from actors.guard import guarded
 from actors.metrics import count, reward_bucket
 from actors.runtime import add_node_tag, device_for, open_png, setup_torch, torch_dtype, with_columns
 
-TERMS = ("text", "clip", "hallucination")
+TERMS = ("text", "clip", "hallucination", "coverage")
 
 
 @dataclass
@@ -54,6 +55,16 @@ def combine(terms: dict[str, list[float]], weights: dict[str, float]) -> list[fl
     return total
 
 
+def coverage(claims: list[list[str]], gt: set[str], asked: str | None) -> list[float]:
+    """Share of the relevant objects each answer claims: the asked object for an existence question, all of
+    the image's objects otherwise. Without it, the hallucination penalty alone prefers saying less: "No" to a
+    present object and a caption naming one object would look as good as the right answers."""
+    relevant = ({asked} & gt) if asked else gt
+    if not relevant:
+        return [0.0] * len(claims)
+    return [len(relevant & set(cl)) / len(relevant) for cl in claims]
+
+
 class TextReward:
     def __init__(self, cfg: RewardsConfig):
         import torch
@@ -80,7 +91,7 @@ class TextReward:
 
 class RewardScorer:
     REQUIRES = ("image", "question", "answers", "gt_objects")
-    ADDS = ("reward_text", "reward_clip", "hallucinated", "reward_hallucination", "reward")
+    ADDS = ("reward_text", "reward_clip", "hallucinated", "reward_hallucination", "reward_coverage", "reward")
 
     def __init__(self, cfg: RewardsConfig, vocab, threads: int = 1):
         setup_torch(threads)
@@ -110,18 +121,23 @@ class RewardScorer:
             raise ValueError("non-finite reward (NaN or inf)")
         out = {k: [] for k in self.ADDS}
         i = 0
-        for row, gt in zip(answers, gts):
+        for q, row, gt in zip(questions, answers, gts):
             n = len(row)
             t, c = flat_text[i:i + n], flat_clip[i:i + n]
             i += n
             gt_set = set(gt or [])
-            halluc = [[o for o in self.vocab.mentions(a) if o not in gt_set] for a in row]
+            # `asserted`: a "yes" to "Is there a X...?" claims X, a "no" does not (mentions alone can't tell).
+            claims = [self.vocab.asserted(q, a) for a in row]
+            halluc = [[o for o in cl if o not in gt_set] for cl in claims]
             h = [-float(len(x)) for x in halluc]
+            cov = coverage(claims, gt_set, self.vocab.asked_object(q))
             out["reward_text"].append(t)
             out["reward_clip"].append(c)
             out["hallucinated"].append(halluc)
             out["reward_hallucination"].append(h)
-            out["reward"].append(combine({"text": t, "clip": c, "hallucination": h}, self.cfg.weights))
+            out["reward_coverage"].append(cov)
+            out["reward"].append(combine({"text": t, "clip": c, "hallucination": h, "coverage": cov},
+                                         self.cfg.weights))
         for v in (v for row in out["reward"] for v in row):
             count("synthalign_reward", 1, "answers by combined-reward bucket", bucket=reward_bucket(v))
         if "answer_models" in batch.column_names:

@@ -9,15 +9,15 @@ from actors.runtime import add_node_tag, device_for, open_png, setup_torch, with
 
 @dataclass
 class SelectionConfig:
-    scorer: str = "clip"               # clip | imagereward
+    scorer: str = "clip"               # clip | imagereward | none (keep the first candidate)
     model: str = ""                    # CLIP model id/path, or an ImageReward name ("ImageReward-v1.0")
     device: str = "auto"
 
     def validate(self) -> list[str]:
         errs = []
-        if self.scorer not in ("clip", "imagereward"):
-            errs.append("selection.scorer: must be 'clip' or 'imagereward'")
-        if not self.model:
+        if self.scorer not in ("clip", "imagereward", "none"):
+            errs.append("selection.scorer: must be 'clip', 'imagereward' or 'none'")
+        if not self.model and self.scorer != "none":
             errs.append("selection.model: required")
         return errs
 
@@ -61,12 +61,22 @@ class ImageRewardScorer:
         return [float(self.model.score(t, [im])) for im, t in zip(images, texts)]
 
 
+class FirstCandidate:
+    """No image reward: every candidate scores 0, so the first one is kept."""
+
+    def score(self, images, texts) -> list[float]:
+        return [0.0] * len(images)
+
+
 class ImageSelection:
     REQUIRES = ("image_prompt", "candidate_images", "candidate_seeds", "candidate_guidance")
     ADDS = ("image", "image_score", "seed", "guidance_scale", "candidate_scores")
     DROPS = ("candidate_images",)  # only the best image travels on
 
     def __init__(self, cfg: SelectionConfig, threads: int = 1):
+        if cfg.scorer == "none":  # e.g. the shapes world: every candidate shows the prompt exactly
+            self.scorer = FirstCandidate()
+            return
         cls = ClipScorer if cfg.scorer == "clip" else ImageRewardScorer
         self.scorer = cls(cfg.model, cfg.device, threads)
 

@@ -73,18 +73,20 @@ def _clip_image_processor(size: int):
     return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
 
-def build_llava(out: Path, seed: int, image_size: int = 32, patch: int = 8) -> None:
+def llava_model(tok, seed: int, image_size: int = 32, patch: int = 8, vision_hidden: int = 32,
+                vision_layers: int = 2, hidden: int = 64, layers: int = 2, heads: int = 2, max_positions: int = 512):
+    """A randomly initialised LLaVA-1.5 layout (CLIP vision tower, projector, Llama) and its processor."""
     import torch
     from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor)
-    tok = build_tokenizer()
     torch.manual_seed(seed)
     cfg = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                       num_attention_heads=2, image_size=image_size, patch_size=patch),
-        text_config=LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                                num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                                max_position_embeddings=512, bos_token_id=tok.bos_token_id,
+        vision_config=CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=vision_hidden * 2,
+                                       num_hidden_layers=vision_layers, num_attention_heads=heads,
+                                       image_size=image_size, patch_size=patch),
+        text_config=LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2,
+                                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                                max_position_embeddings=max_positions, bos_token_id=tok.bos_token_id,
                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
         image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
         vision_feature_select_strategy="default", projector_hidden_act="gelu")
@@ -95,6 +97,11 @@ def build_llava(out: Path, seed: int, image_size: int = 32, patch: int = 8) -> N
         image_processor=_clip_image_processor(image_size), tokenizer=tok, patch_size=patch,
         vision_feature_select_strategy="default", num_additional_image_tokens=1,
         chat_template=LLAVA_CHAT_TEMPLATE)
+    return model, processor
+
+
+def build_llava(out: Path, seed: int, image_size: int = 32, patch: int = 8) -> None:
+    model, processor = llava_model(build_tokenizer(), seed, image_size, patch)
     model.save_pretrained(out)
     processor.save_pretrained(out)
 

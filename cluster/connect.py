@@ -23,7 +23,18 @@ def check_listening(address: str, timeout: float = 3.0) -> None:
                          "is the Ray head running?", field="--address") from None
 
 
-def connect(address: str | None = None, num_cpus: int | None = None, dashboard: bool = True) -> str:
+def _port_or_free(port: int) -> int:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return port
+        except OSError:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+
+def connect(address: str | None = None, num_cpus: int | None = None, dashboard: bool = True,
+            log_to_driver: bool = True) -> str:
     """Attach to `address` (or RAY_ADDRESS), else start a local Ray bound to 127.0.0.1."""
     import ray
     address = address or os.environ.get("RAY_ADDRESS")
@@ -32,9 +43,15 @@ def connect(address: str | None = None, num_cpus: int | None = None, dashboard: 
     if ray.is_initialized():
         return "already connected"
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=log_to_driver)
         return address
+    # Ray Train's placement-group cleaner asks the State API whether our run is alive; left to find a dashboard
+    # by itself it can ask another local cluster's, hear "not found" and kill our training workers (seen when a
+    # second local Ray ran beside a shapes run). Point it at our own dashboard, or at nothing (then it waits).
+    port = _port_or_free(8265) if dashboard else None
+    api = f"http://127.0.0.1:{port}" if dashboard else "http://127.0.0.1:9"
     # address="local": a fresh cluster, never one that happens to run on this machine already.
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
-             log_to_driver=True)
+             dashboard_port=port, log_to_driver=log_to_driver,
+             runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": api}})
     return "local"

@@ -28,6 +28,10 @@ def _ray(args) -> None:
 
 
 def cmd_make_tiny(args) -> int:
+    if args.world == "shapes":   # a small LLaVA pretrained to see the shapes world (pipelines/pretrain.py)
+        from pipelines.pretrain import make_shapes_base
+        print(f"llava: {make_shapes_base(args.out, seed=args.seed)}")
+        return 0
     from actors.tiny import make_tiny
     for name, path in make_tiny(args.out, seed=args.seed).items():
         print(f"{name}: {path}")
@@ -64,7 +68,12 @@ def cmd_run(args) -> int:
     cmd_train(args)
     from pipelines.config import load_config
     from pipelines.run_report import write_report
-    md, html = write_report(load_config(args.config, args.overrides).output_dir)
+    cfg = load_config(args.config, args.overrides)
+    if cfg.eval:
+        from pipelines.world_eval import run_world_eval
+        run_world_eval(cfg)
+        print(f"eval: {cfg.output_dir}/eval/summary.json")
+    md, html = write_report(cfg.output_dir)
     print(f"report: {md} and {html}")
     return 0
 
@@ -87,8 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="cmd", required=True)
 
-    p = sub.add_parser("make-tiny", help="build the tiny random-weight models")
+    p = sub.add_parser("make-tiny", help="build the tiny random-weight models (or the pretrained shapes LLaVA)")
     p.add_argument("--out", default=".synthalign/tiny")
+    p.add_argument("--world", choices=["coco", "shapes"], default="coco",
+                   help="shapes: a small LLaVA briefly pretrained on the shapes world (a few minutes on CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_make_tiny)
 

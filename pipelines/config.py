@@ -18,6 +18,7 @@ from actors.rewards import RewardsConfig
 from actors.sampling import SamplerConfig
 from actors.select import SelectionConfig
 from cluster.resources import PoolConfig
+from pipelines.world_eval import WorldEvalConfig
 from pipelines.train import TrainConfig
 from pipelines.typed import ConfigTypeError, from_dict, set_dotted
 
@@ -42,6 +43,7 @@ class RunConfig:
     rows_per_shard: int = 64           # rows per scored/ shard: what a crash can cost to redo
     max_error_fraction: float = 0.05   # share of image-questions allowed to fail before the job fails
     faults: FaultConfig | None = None  # test-only fault injection
+    eval: WorldEvalConfig | None = None  # base vs adapter on held-out world images after `run` trains
 
     def pool(self, stage: str, sampler: SamplerConfig | None = None) -> PoolConfig:
         if sampler is not None and f"sampling:{sampler.label}" in self.pools:
@@ -55,7 +57,7 @@ class RunConfig:
         """What determines the generated data (not where it goes or how it is scheduled)."""
         d = self.to_dict()
         for k in ("output_dir", "pools", "train", "min_rows_per_file", "tiny_models", "rows_per_shard",
-                  "max_error_fraction", "faults"):
+                  "max_error_fraction", "faults", "eval"):
             d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -84,6 +86,8 @@ class RunConfig:
             errs.append("max_error_fraction: must be between 0 and 1")
         if self.faults:
             errs += self.faults.validate()
+        if self.eval:
+            errs += self.eval.validate()
         return errs
 
 

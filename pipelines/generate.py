@@ -24,7 +24,7 @@ from actors.prompts import QuestionExpander, default_classes, load_prompts
 from actors.rewards import RewardScorer
 from actors.sampling import AnswerSampler
 from actors.select import ImageSelection
-from cluster.resources import map_batches_kwargs
+from cluster.resources import WRITE_CPUS, map_batches_kwargs, task_kwargs
 from pipelines.config import RunConfig
 from pipelines.outputs import AtomicParquetSink, clean_partial, done_prompts, finalize
 
@@ -45,6 +45,9 @@ def check_models(cfg: RunConfig) -> None:
 
 
 def load_vocab(cfg: RunConfig) -> ObjectVocab:
+    if cfg.prompts.source == "shapes":
+        from actors.shapes import object_vocab
+        return object_vocab()
     if cfg.rewards.synonyms_file:
         return ObjectVocab.from_file(cfg.rewards.synonyms_file)
     return ObjectVocab.from_lines(default_classes())
@@ -150,7 +153,10 @@ def check_output_dir(cfg: RunConfig, overwrite: bool) -> Path:
 def prepare(cfg: RunConfig, overwrite: bool = False):
     """Everything that can fail on bad input, done before Ray starts: models, prompts, output folder."""
     from actors.tiny import make_tiny
-    if cfg.tiny_models:
+    if cfg.tiny_models and cfg.images.backend == "shapes":   # the world's base model, pretrained to see it
+        from pipelines.pretrain import make_shapes_base
+        make_shapes_base(cfg.tiny_models)
+    elif cfg.tiny_models:
         make_tiny(cfg.tiny_models)
     check_models(cfg)
     vocab = load_vocab(cfg)
@@ -162,6 +168,11 @@ def _write_manifest(out: Path, manifest: dict) -> None:
     tmp = out / ".manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=2))
     tmp.replace(out / "manifest.json")
+
+
+def write_scored(ds, folder: Path, rows_per_shard: int) -> None:
+    """Stream a pipeline's rows into durable shards (the write is a light task beside the actor pools)."""
+    ds.write_datasink(AtomicParquetSink(str(folder), rows_per_shard), ray_remote_args=task_kwargs(WRITE_CPUS))
 
 
 def run_generate(cfg: RunConfig, overwrite: bool = False, prepared=None) -> dict:
@@ -180,8 +191,7 @@ def run_generate(cfg: RunConfig, overwrite: bool = False, prepared=None) -> dict
     todo = [r for r in rows if r["prompt_id"] not in done]
     t_prep = time.time()
     if todo:
-        build_pipeline(cfg, prompt_table(todo), vocab).write_datasink(
-            AtomicParquetSink(str(scored), cfg.rows_per_shard))
+        write_scored(build_pipeline(cfg, prompt_table(todo), vocab), scored, cfg.rows_per_shard)
     t_stream = time.time()
     counts = finalize(out, cfg.min_rows_per_file)
     counts["images_rendered"] = len(todo) * cfg.images.num_candidates

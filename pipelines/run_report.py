@@ -81,6 +81,27 @@ def _eval_table(summary: dict) -> list[str]:
     return rows
 
 
+def _eval_bars(ax, summary: dict):
+    """Base and adapter side by side: POPE accuracy per negative strategy, then CHAIR_i and CHAIR_s."""
+    labels, base, adapter = [], [], []
+    for name, get in [(f"POPE {s}", lambda m, s=s: m.get("pope_by_strategy", {}).get(s, {}).get("accuracy"))
+                      for s in summary.get("base", {}).get("pope_by_strategy", {})] + \
+                     [("POPE acc", lambda m: m.get("pope", {}).get("accuracy")),
+                      ("CHAIR_i", lambda m: m.get("chair", {}).get("chair_i")),
+                      ("CHAIR_s", lambda m: m.get("chair", {}).get("chair_s"))]:
+        b, a = get(summary.get("base", {})), get(summary.get("adapter", {}))
+        if b is not None and a is not None:
+            labels.append(name)
+            base.append(b)
+            adapter.append(a)
+    x = range(len(labels))
+    ax.bar([i - 0.2 for i in x], base, width=0.4, label="base")
+    ax.bar([i + 0.2 for i in x], adapter, width=0.4, label="adapter")
+    ax.set_xticks(list(x), labels, fontsize=7, rotation=15)
+    ax.set_ylim(0, 1)
+    ax.legend()
+
+
 def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     run = Path(run_dir)
     if not (run / "manifest.json").exists():
@@ -115,8 +136,14 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
         md.append("Not trained yet (`synthalign train`).")
     md += ["", "## Evaluation: base vs adapter", ""]
     summary_path = run / "eval" / "summary.json"
-    md += _eval_table(json.loads(summary_path.read_text())) if summary_path.exists() else \
-        ["Not evaluated yet (no `eval/summary.json`)."]
+    if summary_path.exists():
+        summary = json.loads(summary_path.read_text())
+        md += _eval_table(summary)
+        if "base" in summary and "adapter" in summary:
+            plots.append(("Evaluation: base vs adapter (POPE accuracy higher is better, CHAIR lower)",
+                          _plot(plots_dir / "eval.png", lambda ax: _eval_bars(ax, summary))))
+    else:
+        md.append("Not evaluated yet (no `eval/summary.json`).")
     md += ["", "## Plots", ""] + [f"### {t}\n\n![{t}](report/{p.name})\n" for t, p in plots]
     md_path = run / "report.md"
     md_path.write_text("\n".join(md) + "\n")

@@ -60,6 +60,9 @@ class TrainConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     beta: float = 0.1
     loss_type: str = "sigmoid"
+    # > 0 adds the NLL of the chosen answers with this weight (RPO, Pang et al. 2024). DPO alone may lower the
+    # likelihood of chosen and rejected alike; on one-word answers the mass then drifts to junk tokens.
+    sft_weight: float = 0.0
     learning_rate: float = 1e-5
     lr_scheduler_type: str = "cosine"
     warmup_ratio: float = 0.03
@@ -92,6 +95,8 @@ class TrainConfig:
             errs.append("train.learning_rate: must be > 0")
         if self.beta <= 0:
             errs.append("train.beta: must be > 0")
+        if self.sft_weight < 0:
+            errs.append("train.sft_weight: must be >= 0")
         if self.loss_type not in LOSS_TYPES:
             errs.append(f"train.loss_type: unknown {self.loss_type!r} (one of {', '.join(LOSS_TYPES)})")
         if self.lr_scheduler_type not in SCHEDULERS:

@@ -160,7 +160,9 @@ def train_loop(config: dict) -> None:
     work_dir = tempfile.mkdtemp(prefix=f"dpo-rank{rank}-")   # HF checkpoints before Ray copies them to storage
     try:
         args = DPOConfig(
-            output_dir=work_dir, beta=cfg.beta, loss_type=[cfg.loss_type], learning_rate=cfg.learning_rate,
+            output_dir=work_dir, beta=cfg.beta, learning_rate=cfg.learning_rate,
+            loss_type=[cfg.loss_type] + (["sft"] if cfg.sft_weight else []),
+            loss_weights=[1.0, cfg.sft_weight] if cfg.sft_weight else None,
             lr_scheduler_type=cfg.lr_scheduler_type, warmup_steps=cfg.warmup_ratio,  # < 1: a ratio
             num_train_epochs=cfg.num_train_epochs, max_steps=cfg.max_steps,
             per_device_train_batch_size=cfg.per_device_batch_size,

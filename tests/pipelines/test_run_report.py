@@ -35,7 +35,7 @@ def fake_run(root, trained=True, evaluated=True):
 def test_full_report(tmp_path):
     md, html = write_report(fake_run(tmp_path / "run"))
     text = md.read_text()
-    for name in ("rewards", "margins", "models", "training"):
+    for name in ("rewards", "margins", "models", "training", "eval"):
         png = tmp_path / "run" / "report" / f"{name}.png"
         assert f"report/{name}.png" in text
         with Image.open(png) as im:
@@ -43,7 +43,7 @@ def test_full_report(tmp_path):
     assert "| pope accuracy | 0.700 | 0.800 |" in text and "| chair chair_i | 0.400 | 0.200 |" in text
     assert "4 logged steps; last loss 0.4900" in text
     page = html.read_text()
-    assert page.count("data:image/png;base64,") == 4 and "pope accuracy" in page
+    assert page.count("data:image/png;base64,") == 5 and "pope accuracy" in page
 
 
 def test_missing_training_and_eval_are_said(tmp_path):
@@ -51,6 +51,7 @@ def test_missing_training_and_eval_are_said(tmp_path):
     text = md.read_text()
     assert "Not trained yet" in text and "Not evaluated yet" in text
     assert not (tmp_path / "run" / "report" / "training.png").exists()
+    assert not (tmp_path / "run" / "report" / "eval.png").exists()
 
 
 def test_not_a_run(tmp_path):
