@@ -19,6 +19,7 @@ from itertools import combinations
 from pathlib import Path
 
 from actors.errors import InputError
+from actors.objects import says_no
 
 QUESTION_FIELDS = ("question_id", "image", "text", "label")
 
@@ -29,10 +30,7 @@ def parse_pope_answer(text: str) -> str:
     Deliberately literal: only the first sentence counts, tokens are split on single spaces and matched
     case-sensitively, so "NO" is yes and "" is yes. Changing this would make our numbers incomparable.
     """
-    if text.find(".") != -1:
-        text = text.split(".")[0]
-    words = text.replace(",", "").split(" ")
-    return "no" if ("No" in words or "not" in words or "no" in words) else "yes"
+    return "no" if says_no(text) else "yes"   # the rule lives with the rewards, which must agree with it
 
 
 def pope_metrics(labels: list[str], preds: list[str]) -> dict:
