@@ -171,6 +171,10 @@ _EXISTENCE = re.compile(r"(?:is|are) there (?:an? |any )?(.+?) in (?:the|this) (
                         re.IGNORECASE)
 
 
+# LLaVA-1.5's POPE prompt suffix: the evaluation asks with it, and the shapes world trains and samples with it.
+POPE_SUFFIX = "\nAnswer the question using a single word or phrase."
+
+
 def says_no(answer: str) -> bool:
     """The official POPE answer rule (pipelines/evaluate/pope.py), kept identical so that the reward and the
     benchmark agree on what a "no" is: first sentence, commas dropped, a token `No`, `no` or `not`."""

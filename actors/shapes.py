@@ -18,6 +18,8 @@ import hashlib
 import random
 import re
 
+from actors.objects import POPE_SUFFIX
+
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 80, 225), "yellow": (235, 200, 30)}
 SHAPES = ("circle", "square", "triangle")
 CLASSES = [f"{c} {s}" for c in COLOURS for s in SHAPES]
@@ -27,8 +29,6 @@ BACKGROUNDS = {"white": (245, 245, 245), "gray": (190, 190, 190), "striped": (22
                "noisy": (215, 215, 215)}
 COUNTS = {1: "a", 2: "two", 3: "three"}
 CAPTION_INSTRUCTION = "Describe this image."
-# As LLaVA-1.5 asks POPE questions (pipelines.evaluate.run_pope.POPE_SUFFIX; actors may not import pipelines).
-POPE_SUFFIX = "\nAnswer the question using a single word or phrase."
 EXISTENCE_TEMPLATE = "Is there a {obj} in the image?"
 
 _WORLD = random.Random("shapes-world-prior")  # the prior is part of the world, the same for every seed

@@ -10,12 +10,12 @@ import json
 from pathlib import Path
 
 from actors.errors import InputError
+from actors.objects import POPE_SUFFIX
 from actors.sampling import AnswerSampler, SamplerConfig
 from cluster.resources import PoolConfig, map_batches_kwargs, task_kwargs
 from pipelines.evaluate.pope import load_questions, parse_pope_answer, pope_metrics
 
 # As LLaVA-1.5's POPE evaluation asks (llava_pope_test.jsonl carries it after a newline).
-POPE_SUFFIX = "\nAnswer the question using a single word or phrase."
 
 
 def check_images(questions: list[dict], image_dir: Path) -> None:
