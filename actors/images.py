@@ -39,6 +39,21 @@ class ImagesConfig:
         return len(self.guidance_scales) * self.per_scale
 
 
+def _warn_once(logger_name: str, prefix: str) -> None:
+    """Let a library warning that repeats on every call (CLIP's prompt truncation, once per candidate image)
+    through once per process: thousands of identical lines bury the log and cost the log stream."""
+    import logging
+    seen: list[bool] = []
+
+    def first_only(record) -> bool:
+        if not record.getMessage().startswith(prefix):
+            return True
+        seen.append(True)
+        return len(seen) == 1
+    for handler in logging.getLogger(logger_name).handlers:
+        handler.addFilter(first_only)
+
+
 class ImageSynthesis:
     REQUIRES = ("prompt_id", "image_prompt")
     ADDS = ("candidate_images", "candidate_seeds", "candidate_guidance", "stage_nodes")
@@ -53,6 +68,7 @@ class ImageSynthesis:
         self.pipe = DiffusionPipeline.from_pretrained(cfg.model, dtype=torch_dtype(cfg.dtype))
         self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
+        _warn_once("diffusers", "The following part of your input was truncated")
 
     def render(self, prompt: str, guidance: float, seed: int):
         if self.cfg.backend == "shapes":

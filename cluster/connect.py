@@ -23,6 +23,13 @@ def check_listening(address: str, timeout: float = 3.0) -> None:
                          "is the Ray head running?", field="--address") from None
 
 
+def local_system_config(num_cpus: int | None) -> dict:
+    """Ray keeps about num_cpus workers (actors included) and kills other idle ones after 1 s. With actor pools
+    holding every CPU of a small machine, each shard write then paid for a fresh worker process (~2.5 CPU-s,
+    measured in BENCHMARKS.md); a higher soft limit keeps a few idle workers for those light tasks."""
+    return {"num_workers_soft_limit": 2 * (num_cpus or os.cpu_count() or 1) + 8}
+
+
 def _port_or_free(port: int) -> int:
     with socket.socket() as s:
         try:
@@ -52,6 +59,6 @@ def connect(address: str | None = None, num_cpus: int | None = None, dashboard: 
     api = f"http://127.0.0.1:{port}" if dashboard else "http://127.0.0.1:9"
     # address="local": a fresh cluster, never one that happens to run on this machine already.
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
-             dashboard_port=port, log_to_driver=log_to_driver,
+             dashboard_port=port, log_to_driver=log_to_driver, _system_config=local_system_config(num_cpus),
              runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": api}})
     return "local"

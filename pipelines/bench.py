@@ -43,7 +43,9 @@ class CpuMeter:
             try:
                 t = p.cpu_times()
                 first = t.user + t.system if not self.started else 0.0  # a new process counts from 0
-                self.seen.setdefault(p.pid, [first, 0.0, (p.cmdline() or [p.name()])[0][:48]])[1] = t.user + t.system
+                # The name is read each time: a Ray worker renames itself (ray::MapWorker(...)) once it runs.
+                self.seen.setdefault(p.pid, [first, 0.0, ""])[1:] = [t.user + t.system,
+                                                                     (p.cmdline() or [p.name()])[0][:48]]
             except psutil.Error:
                 pass
 

@@ -38,6 +38,9 @@ class RunConfig:
     # Scheduling, per stage: images, selection, sampling (default for every sampler),
     # "sampling:<sampler name>" for one sampler, rewards.
     pools: dict[str, PoolConfig] = field(default_factory=dict)
+    # All stages in one actor pool (sized by pools.images): for CPU nodes, where a process per stage
+    # time-shares the cores. GPU clusters keep a pool per stage, each model on its own devices.
+    fuse: bool = False
     train: TrainConfig = field(default_factory=TrainConfig)
     min_rows_per_file: int = 1000      # rows per Parquet file in pairs/, candidates/, errors/
     rows_per_shard: int = 64           # rows per scored/ shard: what a crash can cost to redo
@@ -56,7 +59,7 @@ class RunConfig:
     def hash(self) -> str:
         """What determines the generated data (not where it goes or how it is scheduled)."""
         d = self.to_dict()
-        for k in ("output_dir", "pools", "train", "min_rows_per_file", "tiny_models", "rows_per_shard",
+        for k in ("output_dir", "pools", "fuse", "train", "min_rows_per_file", "tiny_models", "rows_per_shard",
                   "max_error_fraction", "faults", "eval"):
             d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

@@ -7,6 +7,7 @@ written to a temporary folder and renamed into place, so a reader never sees hal
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -88,6 +89,12 @@ def build_pipeline(cfg: RunConfig, prompts, vocab: ObjectVocab, stages: dict | N
         return ds.map_batches(fn, fn_constructor_kwargs={**ctor, "threads": pool.threads},
                               batch_format="pyarrow", **kwargs)
 
+    if cfg.fuse:
+        parts = ([(cls["images"], {"cfg": cfg.images}), (cls["selection"], {"cfg": cfg.selection}), _expand_questions]
+                 + [(cls["sampling"], {"cfg": s}) for s in cfg.samplers]
+                 + [(cls["rewards"], {"cfg": cfg.rewards, "vocab": vocab}),
+                    functools.partial(_build_pairs, min_margin=cfg.pairs.min_margin)])
+        return stage(ds, WholeChain, cfg.pool("images"), parts=parts)
     ds = stage(ds, cls["images"], cfg.pool("images"), cfg=cfg.images)
     # The cheap row-wise steps ride in the actor before them (see _then).
     ds = stage(ds, _then(cls["selection"], _expand_questions), cfg.pool("selection"), cfg=cfg.selection)
@@ -95,6 +102,20 @@ def build_pipeline(cfg: RunConfig, prompts, vocab: ObjectVocab, stages: dict | N
         ds = stage(ds, cls["sampling"], cfg.pool("sampling", sampler), cfg=sampler)
     return stage(ds, _then(cls["rewards"], _build_pairs, min_margin=cfg.pairs.min_margin), cfg.pool("rewards"),
                  cfg=cfg.rewards, vocab=vocab)
+
+
+class WholeChain:
+    """`fuse: true`: every stage in one actor, the pool sized by `pools.images`. On CPU nodes one process per
+    core, each running the whole chain, beats a process per stage time-sharing the cores: measured in
+    BENCHMARKS.md. `parts` are (stage class, constructor kwargs) or plain row-wise callables."""
+
+    def __init__(self, parts, threads: int = 1):
+        self.parts = [p[0](**p[1], threads=threads) if isinstance(p, tuple) else p for p in parts]
+
+    def __call__(self, batch):
+        for part in self.parts:
+            batch = part(batch)
+        return batch
 
 
 def _then(cls, step, **step_kwargs):

@@ -56,7 +56,9 @@ def ray_local():
     if not ray.is_initialized():
         # RAY_API_SERVER_ADDRESS: with other local clusters on the machine, Ray Train's placement-group cleaner
         # could query another cluster's dashboard, take our run for dead and kill it (see test_train.py).
+        from cluster.connect import local_system_config
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=METRICS_PORT,
+                 _system_config=local_system_config(2),
                  runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": "http://127.0.0.1:9"}})
     yield ray
     ray.shutdown()

@@ -30,6 +30,13 @@ def test_image_synthesis_k_candidates_deterministic_per_prompt(synth):
     assert open_png(out[0]["candidate_images"][0]).size == (64, 64)
 
 
+def test_prompt_truncation_warning_is_printed_once_per_process(synth, capfd):
+    long = " ".join(["a red car beside a green bicycle"] * 20)  # far over CLIP's 77 tokens
+    synth(pa.table({"prompt_id": ["p1", "p2"], "image_prompt": [long, long + " again"]}))
+    err = capfd.readouterr().err
+    assert err.count("The following part of your input was truncated") <= 1
+
+
 def test_selection_keeps_the_best_scored_candidate(tiny_models, synth):
     t = synth(pa.table({"prompt_id": ["p1"], "image_prompt": ["a red car"]}))
     sel = ImageSelection(SelectionConfig(model=str(tiny_models["clip"])))

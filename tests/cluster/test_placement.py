@@ -60,7 +60,9 @@ def cluster():
             os.environ["RAY_TMPDIR"] = old_tmpdir
         shutil.rmtree(tmp, ignore_errors=True)
         if was_connected:  # give later tests the session Ray back (same arguments as conftest's ray_local)
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            from cluster.connect import local_system_config
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                     _system_config=local_system_config(2))
 
 
 def test_each_stage_runs_on_its_node_group(cluster, tiny_models, tmp_path):
@@ -71,7 +73,7 @@ def test_each_stage_runs_on_its_node_group(cluster, tiny_models, tmp_path):
     assert nodes[cluster["B"]].get("reward_node") == 1 and nodes[cluster["B"]].get("sampling_node") == 1
 
     pins = {f"pools.{stage}.resources": f"{{{res}: 0.1}}" for stage, res in PINS.items()}
-    cfg = tiny_config(tiny_models, tmp_path / "run", **{"prompts.num_prompts": N_PROMPTS,
+    cfg = tiny_config(tiny_models, tmp_path / "run", **{"prompts.num_prompts": N_PROMPTS, "fuse": "false",
                                                        "prompts.instructions_per_prompt": N_INSTR, **pins})
     assert cfg.pool("images").resources == {"diffusion_node": 0.1}
     manifest = run_generate(cfg)

@@ -87,12 +87,14 @@ def test_loads_with_datasets_and_converts_for_trl(run):
     assert ds[0]["image"][:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_rerun_same_seed_gives_identical_bytes(run, tiny_models, tmp_path):
+def test_rerun_per_stage_pools_gives_identical_bytes(run, tiny_models, tmp_path):
+    """tiny.yaml fuses the stages into one actor; a pool per stage and other batching give the same bytes."""
     from pipelines.generate import run_generate
     cfg, _ = run
+    assert cfg.fuse
     again = tiny_config(tiny_models, tmp_path / "again", **{
         "prompts.num_prompts": N_PROMPTS, "prompts.instructions_per_prompt": N_INSTR,
-        "pools.images.batch_size": 3})  # other batching, same bytes
+        "fuse": "false", "pools.images.batch_size": 3})
     run_generate(again)
     a = {r["pair_key"]: r for r in read(f"{cfg.output_dir}/scored").to_pylist()}
     b = {r["pair_key"]: r for r in read(f"{again.output_dir}/scored").to_pylist()}
