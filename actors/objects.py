@@ -171,7 +171,8 @@ _EXISTENCE = re.compile(r"(?:is|are) there (?:an? |any )?(.+?) in (?:the|this) (
                         re.IGNORECASE)
 
 
-# LLaVA-1.5's POPE prompt suffix: the evaluation asks with it, and the shapes world trains and samples with it.
+# LLaVA-1.5's POPE prompt suffix (llava_pope_test.jsonl carries it after a newline): the evaluation asks with
+# it, and the shapes world trains and samples with it.
 POPE_SUFFIX = "\nAnswer the question using a single word or phrase."
 
 

@@ -15,8 +15,6 @@ from actors.sampling import AnswerSampler, SamplerConfig
 from cluster.resources import PoolConfig, map_batches_kwargs, task_kwargs
 from pipelines.evaluate.pope import load_questions, parse_pope_answer, pope_metrics
 
-# As LLaVA-1.5's POPE evaluation asks (llava_pope_test.jsonl carries it after a newline).
-
 
 def check_images(questions: list[dict], image_dir: Path) -> None:
     if not image_dir.is_dir():
