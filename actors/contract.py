@@ -1,5 +1,15 @@
-"""The column contract: each stage declares the columns it needs and adds; checked when a pipeline is built."""
+"""The stage list and the column contract: each stage declares the columns it needs and adds, and the chain
+built from `STAGES` is checked against them when a pipeline is built."""
 from __future__ import annotations
+
+from dataclasses import dataclass
+
+from actors.images import ImageSynthesis
+from actors.pairs import PairBuilder
+from actors.prompts import QuestionExpander
+from actors.rewards import RewardScorer
+from actors.sampling import AnswerSampler
+from actors.select import ImageSelection
 
 PROMPT_COLUMNS = ("prompt_id", "image_prompt", "instructions", "gt_objects")
 # The pairs dataset every later job (train, eval, export) reads.
@@ -24,3 +34,23 @@ def check_chain(source_columns, stages) -> list[str]:
         have = [c for c in have if c not in getattr(stage, "DROPS", ())]
         have += [c for c in getattr(stage, "ADDS", ()) if c not in have]
     return have
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of the generation chain: its class, the run-config section that configures it, the pool that
+    schedules it, and the cheap row-wise step that rides in the same actor after it."""
+    pool: str                          # pools.<key>; also the key a stand-in replaces
+    cls: type
+    config: str                        # RunConfig section; a list section (samplers) gives one stage each
+    then: type | None = None           # row-wise step run on the output in the same actor
+    then_config: str | None = None     # RunConfig section handed to `then` as cfg
+    needs_vocab: bool = False
+
+
+STAGES = (
+    Stage("images", ImageSynthesis, "images"),
+    Stage("selection", ImageSelection, "selection", then=QuestionExpander),
+    Stage("sampling", AnswerSampler, "samplers"),
+    Stage("rewards", RewardScorer, "rewards", then=PairBuilder, then_config="pairs", needs_vocab=True),
+)

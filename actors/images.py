@@ -3,9 +3,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from actors.guard import guarded
+from actors.common.errors import Problem
+from actors.common.guard import guarded
+from actors.common.runtime import (
+    add_node_tag,
+    device_for,
+    png_bytes,
+    setup_torch,
+    torch_dtype,
+    with_columns,
+)
 from actors.prompts import candidate_seed
-from actors.runtime import add_node_tag, device_for, png_bytes, setup_torch, torch_dtype, with_columns
 
 
 @dataclass
@@ -22,16 +30,16 @@ class ImagesConfig:
     seed: int = 0
     negative_prompt: str | None = None
 
-    def validate(self) -> list[str]:
+    def validate(self) -> list[Problem]:
         errs = []
         if self.backend not in ("diffusers", "shapes"):
-            errs.append("images.backend: must be 'diffusers' or 'shapes'")
+            errs.append(Problem("images.backend", "must be 'diffusers' or 'shapes'"))
         if not self.model and self.backend == "diffusers":
-            errs.append("images.model: required")
+            errs.append(Problem("images.model", "required"))
         if not self.guidance_scales:
-            errs.append("images.guidance_scales: must list at least one guidance scale")
+            errs.append(Problem("images.guidance_scales", "must list at least one guidance scale"))
         if self.per_scale < 1 or self.steps < 1 or self.height < 8 or self.width < 8:
-            errs.append("images: per_scale and steps must be >= 1, height and width >= 8")
+            errs.append(Problem("images", "per_scale and steps must be >= 1, height and width >= 8"))
         return errs
 
     @property
@@ -72,7 +80,7 @@ class ImageSynthesis:
 
     def render(self, prompt: str, guidance: float, seed: int):
         if self.cfg.backend == "shapes":
-            from actors.shapes import render
+            from actors.common.shapes import render
             return render(prompt, seed, self.cfg.width, self.cfg.height)
         gen = self.torch.Generator(device="cpu").manual_seed(seed)
         kwargs = dict(prompt=prompt, guidance_scale=guidance, num_inference_steps=self.cfg.steps,

@@ -4,9 +4,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from actors.guard import guarded
-from actors.metrics import MARGIN_BOUNDARIES, count, observe
-from actors.runtime import with_columns
+from actors.common.errors import Problem
+from actors.common.guard import guarded
+from actors.common.metrics import MARGIN_BOUNDARIES, count, observe
+from actors.common.runtime import with_columns
 
 DROP_REASONS = ("too_few_answers", "identical", "below_margin", "non_finite_reward")
 
@@ -15,8 +16,8 @@ DROP_REASONS = ("too_few_answers", "identical", "below_margin", "non_finite_rewa
 class PairsConfig:
     min_margin: float = 0.0            # in combined-reward units (z-scores weighted)
 
-    def validate(self) -> list[str]:
-        return [] if self.min_margin >= 0 else ["pairs.min_margin: must be >= 0"]
+    def validate(self) -> list[Problem]:
+        return [] if self.min_margin >= 0 else [Problem("pairs.min_margin", "must be >= 0")]
 
 
 def choose(answers: list[str], models: list[str], rewards: list[float], min_margin: float):

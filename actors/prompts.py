@@ -7,13 +7,14 @@ reported with its file and line.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from actors.errors import InputError
+from actors.common.errors import InputError, Problem
+from actors.common.objects import EXISTENCE_QUESTION
+from actors.common.seeds import stable_seed
 
 COCO_CLASSES = (
     "person bicycle car motorcycle airplane bus train truck boat traffic_light fire_hydrant stop_sign "
@@ -34,7 +35,7 @@ TEMPLATES = [
     "What objects can you see in this image?",
     "What is happening in this picture?",
     "Where was this photo taken?",
-    "Is there a {obj} in the image?",
+    EXISTENCE_QUESTION.format("{obj}"),
     "What color is the {obj}?",
     "Where is the {obj} in the image?",
     "List every object in the image.",
@@ -43,7 +44,7 @@ NUMBER_WORDS = {1: "a", 2: "two", 3: "three", 4: "four"}
 DEFAULT_INSTRUCTION = "Describe this image in detail."
 
 
-def default_classes() -> list[str]:
+def default_classes() -> list[Problem]:
     return [c.replace("_", " ") for c in COCO_CLASSES]
 
 
@@ -57,18 +58,18 @@ class PromptsConfig:
     file: str | None = None            # .txt (one prompt a line) or .jsonl
     instructions_file: str | None = None  # .txt, line i goes with prompt i (paper format)
 
-    def validate(self) -> list[str]:
+    def validate(self) -> list[Problem]:
         errs = []
         if self.source not in ("generate", "file", "shapes"):
-            errs.append("prompts.source: must be 'generate', 'file' or 'shapes'")
+            errs.append(Problem("prompts.source", "must be 'generate', 'file' or 'shapes'"))
         if self.source in ("generate", "shapes") and self.num_prompts <= 0:
-            errs.append("prompts.num_prompts: must be > 0")
+            errs.append(Problem("prompts.num_prompts", "must be > 0"))
         if self.instructions_per_prompt <= 0:
-            errs.append("prompts.instructions_per_prompt: must be > 0")
+            errs.append(Problem("prompts.instructions_per_prompt", "must be > 0"))
         if self.max_objects <= 0:
-            errs.append("prompts.max_objects: must be > 0")
+            errs.append(Problem("prompts.max_objects", "must be > 0"))
         if self.source == "file" and not self.file:
-            errs.append("prompts.file: required when prompts.source is 'file'")
+            errs.append(Problem("prompts.file", "required when prompts.source is 'file'"))
         return errs
 
 
@@ -162,7 +163,7 @@ def load_prompts(cfg: PromptsConfig, mentions=None) -> list[dict]:
         return [generate_prompt(cfg.seed, i, cfg.max_objects, cfg.instructions_per_prompt, classes)
                 for i in range(cfg.num_prompts)]
     if cfg.source == "shapes":
-        from actors.shapes import shapes_prompt_row
+        from actors.common.shapes import shapes_prompt_row
         return [shapes_prompt_row(cfg.seed, i, cfg.instructions_per_prompt, cfg.max_objects)
                 for i in range(cfg.num_prompts)]
     path = Path(cfg.file)
@@ -181,8 +182,7 @@ def load_prompts(cfg: PromptsConfig, mentions=None) -> list[dict]:
 
 def candidate_seed(prompt_id: str, k: int, base_seed: int = 0) -> int:
     """Seed of candidate k of a prompt: a rerun renders the same bytes, whatever the batching."""
-    digest = hashlib.sha256(f"{base_seed}:{prompt_id}:{k}".encode()).digest()
-    return int.from_bytes(digest[:4], "little")
+    return stable_seed(base_seed, prompt_id, k)
 
 
 class QuestionExpander:

@@ -10,9 +10,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from actors.guard import guarded
-from actors.metrics import count, reward_bucket
-from actors.runtime import add_node_tag, device_for, open_png, setup_torch, torch_dtype, with_columns
+from actors.common.errors import Problem
+from actors.common.guard import guarded
+from actors.common.metrics import count, reward_bucket
+from actors.common.runtime import (
+    add_node_tag,
+    device_for,
+    open_png,
+    setup_torch,
+    torch_dtype,
+    with_columns,
+)
 
 TERMS = ("text", "clip", "hallucination", "coverage")
 
@@ -21,19 +29,29 @@ TERMS = ("text", "clip", "hallucination", "coverage")
 class RewardsConfig:
     text_model: str = ""               # sequence-classification reward model (ArmoRM-style); "" = off
     clip_model: str = ""               # CLIP for the image-answer term; "" = off
-    synonyms_file: str | None = None   # COCO synonyms; default: the 80 class names alone
+    synonyms_file: str | None = None   # object vocabulary, "class, synonym, ..." a line; default: COCO's
     weights: dict[str, float] = field(default_factory=lambda: {"text": 1.0, "clip": 0.5, "hallucination": 1.0})
     max_length: int = 1024
     dtype: str = "float32"
     device: str = "auto"
     trust_remote_code: bool = False    # ArmoRM ships custom code; only set it for models you trust
 
-    def validate(self) -> list[str]:
-        errs = [f"rewards.weights.{k}: unknown term (known: {', '.join(TERMS)})" for k in self.weights
+    def validate(self) -> list[Problem]:
+        errs = [Problem(f"rewards.weights.{k}", f"unknown term (known: {', '.join(TERMS)})") for k in self.weights
                 if k not in TERMS]
         if not self.text_model and not self.clip_model and not self.weights.get("hallucination"):
-            errs.append("rewards: no reward term is on (set text_model, clip_model or weights.hallucination)")
+            errs.append(Problem("rewards", "no reward term is on (set text_model, clip_model or weights.hallucination)"))
         return errs
+
+
+def load_vocab(cfg: RewardsConfig, prompt_source: str = "generate"):
+    """The object vocabulary the hallucination reward (and CHAIR) reads answers with: the shapes world's own
+    classes, a user's file, or the CHAIR reference list of COCO classes and synonyms shipped with the package."""
+    from actors.common.objects import COCO_SYNONYMS, ObjectVocab
+    if prompt_source == "shapes":
+        from actors.common.shapes import object_vocab
+        return object_vocab()
+    return ObjectVocab.from_file(cfg.synonyms_file or COCO_SYNONYMS)
 
 
 def znorm(values: list[float]) -> list[float]:

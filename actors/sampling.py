@@ -5,11 +5,19 @@ is its own stage (and actor pool); each appends to the `answers` / `answer_model
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
-from actors.guard import guarded
-from actors.runtime import add_node_tag, device_for, open_png, setup_torch, torch_dtype, with_columns
+from actors.common.errors import Problem
+from actors.common.guard import guarded
+from actors.common.runtime import (
+    add_node_tag,
+    device_for,
+    open_png,
+    setup_torch,
+    torch_dtype,
+    with_columns,
+)
+from actors.common.seeds import stable_seed
 
 
 @dataclass
@@ -33,26 +41,26 @@ class SamplerConfig:
     def label(self) -> str:
         return self.name or self.model
 
-    def validate(self, key: str) -> list[str]:
+    def validate(self, key: str) -> list[Problem]:
         errs = []
         if not self.model:
-            errs.append(f"{key}.model: required")
+            errs.append(Problem(f"{key}.model", "required"))
         if self.backend not in ("transformers", "vllm"):
-            errs.append(f"{key}.backend: must be 'transformers' or 'vllm'")
+            errs.append(Problem(f"{key}.backend", "must be 'transformers' or 'vllm'"))
         if self.n < 1:
-            errs.append(f"{key}.n: must be >= 1")
+            errs.append(Problem(f"{key}.n", "must be >= 1"))
         if self.n > 1 and self.temperature == 0:
-            errs.append(f"{key}.n: n > 1 needs temperature > 0 (greedy gives n identical answers)")
+            errs.append(Problem(f"{key}.n", "n > 1 needs temperature > 0 (greedy gives n identical answers)"))
         if self.max_new_tokens < 1:
-            errs.append(f"{key}.max_new_tokens: must be >= 1")
+            errs.append(Problem(f"{key}.max_new_tokens", "must be >= 1"))
         if self.adapter and self.backend == "vllm":
-            errs.append(f"{key}.adapter: the vllm backend takes merged weights (train.merge_adapter: true, "
-                        "then point model at train/merged)")
+            errs.append(Problem(f"{key}.adapter", "the vllm backend takes merged weights (train.merge_adapter: true, "
+                        "then point model at train/merged)"))
         return errs
 
 
 def row_seed(base: int, key: str, model: str) -> int:
-    return int.from_bytes(hashlib.sha256(f"{base}:{key}:{model}".encode()).digest()[:4], "little")
+    return stable_seed(base, key, model)
 
 
 def chat_prompt(processor, question: str) -> str:
@@ -75,11 +83,12 @@ class TransformersBackend:
             self.model = PeftModel.from_pretrained(self.model, cfg.adapter).merge_and_unload()
         self.model = self.model.to(self.device).eval()
 
-    def _generate(self, images, prompts, seed: int | None) -> list[list[str]]:
+    def _generate(self, images, prompts, seed: int | None, max_new_tokens: int | None = None) -> list[list[str]]:
         cfg = self.cfg
         inp = self.processor(images=images, text=prompts, return_tensors="pt", padding=True).to(self.device)
         sample = cfg.temperature > 0
-        kwargs = dict(max_new_tokens=cfg.max_new_tokens, do_sample=sample, num_return_sequences=cfg.n)
+        kwargs = dict(max_new_tokens=max_new_tokens or cfg.max_new_tokens, do_sample=sample,
+                      num_return_sequences=cfg.n)
         if sample:
             kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p)
             self.torch.manual_seed(seed)
@@ -88,13 +97,14 @@ class TransformersBackend:
         texts = self.processor.batch_decode(out[:, inp["input_ids"].shape[1]:], skip_special_tokens=True)
         return [[t.strip() for t in texts[i * cfg.n:(i + 1) * cfg.n]] for i in range(len(prompts))]
 
-    def answer(self, images, questions, keys) -> list[list[str]]:
+    def answer(self, images, questions, keys=None, max_new_tokens: int | None = None) -> list[list[str]]:
+        """n answers per (image, question); greedy answers are batched, `max_new_tokens` overrides the config."""
         prompts = [chat_prompt(self.processor, q + self.cfg.prompt_suffix) for q in questions]
         if self.cfg.temperature == 0:
-            return self._generate(images, prompts, None)
+            return self._generate(images, prompts, None, max_new_tokens)
         # Sampling: one row per call with its own seed, so a rerun gives the same answers
         # whatever the batching.
-        return [self._generate([im], [p], row_seed(self.cfg.seed, k, self.cfg.label))[0]
+        return [self._generate([im], [p], row_seed(self.cfg.seed, k, self.cfg.label), max_new_tokens)[0]
                 for im, p, k in zip(images, prompts, keys)]
 
 

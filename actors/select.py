@@ -3,8 +3,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from actors.guard import guarded
-from actors.runtime import add_node_tag, device_for, open_png, setup_torch, with_columns
+from actors.common.errors import Problem
+from actors.common.guard import guarded
+from actors.common.runtime import (
+    add_node_tag,
+    device_for,
+    open_png,
+    setup_torch,
+    with_columns,
+)
 
 
 @dataclass
@@ -13,12 +20,12 @@ class SelectionConfig:
     model: str = ""                    # CLIP model id/path, or an ImageReward name ("ImageReward-v1.0")
     device: str = "auto"
 
-    def validate(self) -> list[str]:
+    def validate(self) -> list[Problem]:
         errs = []
         if self.scorer not in ("clip", "imagereward", "none"):
-            errs.append("selection.scorer: must be 'clip', 'imagereward' or 'none'")
+            errs.append(Problem("selection.scorer", "must be 'clip', 'imagereward' or 'none'"))
         if not self.model and self.scorer != "none":
-            errs.append("selection.model: required")
+            errs.append(Problem("selection.model", "required"))
         return errs
 
 

@@ -5,7 +5,7 @@ import os
 import socket
 from urllib.parse import urlparse
 
-from actors.errors import InputError
+from actors.common.errors import InputError
 
 
 def check_listening(address: str, timeout: float = 3.0) -> None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from actors.common.errors import Problem
+
 
 @dataclass
 class PoolConfig:
@@ -19,18 +21,18 @@ class PoolConfig:
     resources: dict[str, float] = field(default_factory=dict)  # custom node resources
     threads: int = 1                  # torch threads inside each actor
 
-    def validate(self, name: str) -> list[str]:
+    def validate(self, name: str) -> list[Problem]:
         errs = []
         if self.size < 1:
-            errs.append(f"{name}.size: must be >= 1")
+            errs.append(Problem(f"{name}.size", "must be >= 1"))
         if self.max_size is not None and self.max_size < self.size:
-            errs.append(f"{name}.max_size: must be >= size")
+            errs.append(Problem(f"{name}.max_size", "must be >= size"))
         if self.batch_size < 1:
-            errs.append(f"{name}.batch_size: must be >= 1")
+            errs.append(Problem(f"{name}.batch_size", "must be >= 1"))
         if self.num_cpus < 0 or self.num_gpus < 0:
-            errs.append(f"{name}: num_cpus and num_gpus must be >= 0")
+            errs.append(Problem(f"{name}", "num_cpus and num_gpus must be >= 0"))
         if self.threads < 1:
-            errs.append(f"{name}.threads: must be >= 1")
+            errs.append(Problem(f"{name}.threads", "must be >= 1"))
         return errs
 
 
@@ -45,12 +47,12 @@ class WorkersConfig:
     resources: dict[str, float] = field(default_factory=dict)
     threads: int = 1
 
-    def validate(self, name: str) -> list[str]:
+    def validate(self, name: str) -> list[Problem]:
         errs = []
         if self.num_workers < 1:
-            errs.append(f"{name}.num_workers: must be >= 1")
+            errs.append(Problem(f"{name}.num_workers", "must be >= 1"))
         if self.threads < 1:
-            errs.append(f"{name}.threads: must be >= 1")
+            errs.append(Problem(f"{name}.threads", "must be >= 1"))
         return errs
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlparse
 
-from actors.errors import InputError
+from actors.common.errors import InputError
 
 logger = logging.getLogger(__name__)
 

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import yaml
 
-from actors.errors import InputError
-from actors.guard import FaultConfig
+from actors.common.errors import InputError, Problem, raise_first
+from actors.common.guard import FaultConfig
+from actors.contract import STAGES
 from actors.images import ImagesConfig
 from actors.pairs import PairsConfig
 from actors.prompts import PromptsConfig
@@ -18,11 +19,17 @@ from actors.rewards import RewardsConfig
 from actors.sampling import SamplerConfig
 from actors.select import SelectionConfig
 from cluster.resources import PoolConfig
-from pipelines.world_eval import WorldEvalConfig
-from pipelines.train import TrainConfig
+from pipelines.evaluate.config import WorldEvalConfig
+from pipelines.train.config import TrainConfig
 from pipelines.typed import ConfigTypeError, from_dict, set_dotted
 
-POOL_STAGES = ("images", "selection", "sampling", "rewards")
+POOL_STAGES = tuple(s.pool for s in STAGES)
+# What neither generation nor training depends on: where output goes, how it is scheduled, test hooks.
+RUN_KEYS = ("output_dir", "tiny_models", "pools", "fuse", "train", "min_rows_per_file", "rows_per_shard",
+            "max_error_fraction", "faults", "eval")
+# Training keys that change how a run is watched or scheduled, not what it learns.
+TRAIN_RUN_KEYS = ("save_steps", "logging_steps", "num_to_keep", "max_failures", "merge_adapter", "report_to",
+                  "gradient_checkpointing", "workers")
 
 
 @dataclass
@@ -56,42 +63,57 @@ class RunConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def hash(self) -> str:
+    def data_dict(self) -> dict:
         """What determines the generated data (not where it goes or how it is scheduled)."""
-        d = self.to_dict()
-        for k in ("output_dir", "pools", "fuse", "train", "min_rows_per_file", "tiny_models", "rows_per_shard",
-                  "max_error_fraction", "faults", "eval"):
-            d.pop(k)
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        return {k: v for k, v in self.to_dict().items() if k not in RUN_KEYS}
 
-    def validate(self) -> list[str]:
+    def train_dict(self) -> dict:
+        """What determines the trained adapter besides the data; the worker count sets the global batch."""
+        d = {k: v for k, v in dataclasses.asdict(self.train).items() if k not in TRAIN_RUN_KEYS}
+        d["num_workers"] = self.train.workers.num_workers
+        return d
+
+    def hash(self) -> str:
+        """The data hash: a run folder's generated data belongs to this config when it matches."""
+        return _digest(self.data_dict())
+
+    def train_hash(self) -> str:
+        return _digest([self.hash(), self.train_dict()])
+
+    def validate(self) -> list[Problem]:
         errs = self.prompts.validate() + self.images.validate() + self.selection.validate()
         errs += self.rewards.validate() + self.pairs.validate() + self.train.validate()
         if not self.samplers:
-            errs.append("samplers: at least one sampler is needed")
+            errs.append(Problem("samplers", "at least one sampler is needed"))
         labels = [s.label for s in self.samplers]
         for i, s in enumerate(self.samplers):
             errs += s.validate(f"samplers[{i}]")
             if labels.count(s.label) > 1:
-                errs.append(f"samplers[{i}].name: '{s.label}' is used twice; give each sampler a distinct name")
+                errs.append(Problem(f"samplers[{i}].name", f"'{s.label}' is used twice; give each sampler a distinct name"))
         for name, pool in self.pools.items():
             stage = name.split(":", 1)[0]
             if stage not in POOL_STAGES or (":" in name and stage != "sampling"):
-                errs.append(f"pools.{name}: unknown stage (known: {', '.join(POOL_STAGES)}, sampling:<name>)")
+                errs.append(Problem(f"pools.{name}", f"unknown stage (known: {', '.join(POOL_STAGES)}, sampling:<name>)"))
             elif ":" in name and name.split(":", 1)[1] not in labels:
-                errs.append(f"pools.{name}: no sampler is named '{name.split(':', 1)[1]}'")
+                errs.append(Problem(f"pools.{name}", f"no sampler is named '{name.split(':', 1)[1]}'"))
             errs += pool.validate(f"pools.{name}")
         if self.min_rows_per_file < 1:
-            errs.append("min_rows_per_file: must be >= 1")
+            errs.append(Problem("min_rows_per_file", "must be >= 1"))
         if self.rows_per_shard < 1:
-            errs.append("rows_per_shard: must be >= 1")
+            errs.append(Problem("rows_per_shard", "must be >= 1"))
         if not 0 <= self.max_error_fraction <= 1:
-            errs.append("max_error_fraction: must be between 0 and 1")
+            errs.append(Problem("max_error_fraction", "must be between 0 and 1"))
         if self.faults:
             errs += self.faults.validate()
+            if self.faults.stage and self.faults.stage not in POOL_STAGES:
+                errs.append(Problem("faults.stage", f"must be one of {', '.join(POOL_STAGES)}"))
         if self.eval:
             errs += self.eval.validate()
         return errs
+
+
+def _digest(data) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def parse_override(text: str) -> tuple[str, object]:
@@ -147,10 +169,6 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     try:
         cfg = from_dict(RunConfig, data)
     except ConfigTypeError as e:
-        raise InputError(str(e).split(": ", 1)[1], file=str(path), field=e.key) from None
-    errs = cfg.validate()
-    if errs:
-        key, _, msg = errs[0].partition(": ")
-        more = f" (and {len(errs) - 1} more problem(s))" if len(errs) > 1 else ""
-        raise InputError(msg + more, file=str(path), field=key)
+        raise InputError(e.message, file=str(path), field=e.key) from None
+    raise_first(cfg.validate(), file=str(path))
     return cfg

@@ -11,7 +11,7 @@ class ConfigTypeError(Exception):
     """A key that does not exist or a value of the wrong type; `key` is dotted (a.b.c)."""
 
     def __init__(self, key: str, message: str):
-        self.key = key
+        self.key, self.message = key, message
         super().__init__(f"{key}: {message}" if key else message)
 
 

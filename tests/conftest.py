@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
-SYNONYMS = SHARED_DATA / "objhal" / "synonyms_refine.txt"
+DATA = ROOT / "configs" / "data"          # POPE and MMHal-Bench files vendored in the repo (see its README)
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -26,16 +25,14 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def coco_vocab():
-    """The 80 COCO classes with their synonyms, from the shared reference data."""
-    from actors.objects import ObjectVocab
-    if not SYNONYMS.exists():
-        pytest.skip(f"reference data not found at {SYNONYMS}")
-    return ObjectVocab.from_file(SYNONYMS)
+    """The 80 COCO classes with their synonyms, as the package ships them."""
+    from actors.common.objects import COCO_SYNONYMS, ObjectVocab
+    return ObjectVocab.from_file(COCO_SYNONYMS)
 
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
-    from actors.tiny import make_tiny
+    from pipelines.models.tiny import make_tiny
     return make_tiny(tmp_path_factory.mktemp("tiny"))
 
 
@@ -69,7 +66,7 @@ def tiny_config(tiny: dict[str, Path], output_dir: Path, **overrides):
     from pipelines.config import load_config
     sets = [f"output_dir={output_dir}", "tiny_models=null", f"images.model={tiny['sd']}",
             f"selection.model={tiny['clip']}", f"rewards.text_model={tiny['reward']}",
-            f"rewards.clip_model={tiny['clip']}", f"rewards.synonyms_file={SYNONYMS}",
+            f"rewards.clip_model={tiny['clip']}",
             f"train.model={tiny['llava']}"]
     sets += [f"{k}={v}" for k, v in overrides.items()]
     cfg = load_config(ROOT / "configs" / "tiny.yaml", sets)

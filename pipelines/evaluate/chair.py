@@ -6,8 +6,8 @@ CHAIR_s is the share of captions with at least one hallucinated mention.
 """
 from __future__ import annotations
 
-from actors.errors import InputError
-from actors.objects import ObjectVocab
+from actors.common.errors import InputError
+from actors.common.objects import ObjectVocab
 
 
 def chair(captions: list[str], gt_objects: list[list[str]], vocab: ObjectVocab) -> dict:

@@ -18,10 +18,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlparse
 
-from actors.errors import InputError
+from actors.common.errors import InputError
+from actors.common.files import looks_local
 from actors.sampling import SamplerConfig
 from cluster.resources import PoolConfig
-from pipelines.evaluate.mmhal import build_judge_prompt, load_template, mmhal_metrics, parse_rating
+from pipelines.evaluate.mmhal import (
+    build_judge_prompt,
+    load_template,
+    mmhal_metrics,
+    parse_rating,
+    ratings_in,
+)
 
 DEFAULT_JUDGE_MODEL = "gpt-4-0314"   # what the official eval_gpt4.py asked for
 DEFAULT_KEY_ENV = "OPENAI_API_KEY"
@@ -79,8 +86,9 @@ class LocalJudge:
 
     def __init__(self, path: str, max_new_tokens: int = 512, dtype: str = "float32", device: str = "auto"):
         import torch
-        from actors.runtime import device_for, torch_dtype
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from actors.common.runtime import device_for, torch_dtype
         self.torch = torch   # the driver's thread settings are left alone: this runs in the caller's process
         self.device, self.max_new_tokens = device_for(device), max_new_tokens
         self.tokenizer = AutoTokenizer.from_pretrained(path)
@@ -122,7 +130,7 @@ def check_judge(spec: str, key_env: str | None = None) -> None:
         if key_env and not os.environ.get(key_env):
             raise InputError(f"environment variable {key_env} (the judge's API key) is not set",
                              field="--judge-key-env")
-    elif (spec.startswith(("/", ".", "~")) or os.path.exists(spec)) and not Path(spec).expanduser().is_dir():
+    elif looks_local(spec) and not Path(spec).expanduser().is_dir():
         raise InputError("judge model folder not found", file=spec, field="--judge")
 
 
@@ -176,7 +184,7 @@ def review_items(items: list[dict], judge) -> list[dict]:
 
 def rated(review: str) -> bool:
     """Whether the official parser found exactly one rating (else it silently scores 0)."""
-    return sum(f"rating: {s}" in review.lower() for s in range(7)) == 1
+    return len(ratings_in(review)) == 1
 
 
 def eval_mmhal(template: str | Path, image_dir: str | Path, model: str, adapter: str | None = None,
@@ -188,7 +196,7 @@ def eval_mmhal(template: str | Path, image_dir: str | Path, model: str, adapter:
     Writes `mmhal_reviews.json` (the items with model_answer, review, rating; `synthalign eval mmhal-score`
     re-scores it) and `metrics.json` to out_dir (default eval/<template stem>).
     """
-    from pipelines.evaluate.run_pope import answer_questions
+    from pipelines.evaluate.answer import answer_questions
     items, names, sampler = check_mmhal_inputs(template, image_dir, adapter, judge, judge_key_env, model,
                                                backend, max_new_tokens)
     rows = [{"question_id": i, "image": n, "text": it["question"]} for i, (it, n) in enumerate(zip(items, names))]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from actors.errors import InputError
+from actors.common.errors import InputError
 
 TEMPLATE_FIELDS = {"question_type": str, "question_topic": str, "image_id": str, "image_src": str,
                    "image_content": list, "question": str, "gt_answer": str, "model_answer": str}
@@ -100,9 +100,14 @@ def build_judge_prompt(item: dict) -> str:
                                  item["model_answer"])
 
 
+def ratings_in(review: str) -> list[int]:
+    """Every "rating: 0".."rating: 6" the lower-cased review contains."""
+    return [s for s in range(7) if f"rating: {s}" in review.lower()]
+
+
 def parse_rating(review: str) -> int:
-    """Official parser: exactly one of "rating: 0".."rating: 6" in the lower-cased review, else 0."""
-    found = [s for s in range(7) if f"rating: {s}" in review.lower()]
+    """Official parser: exactly one rating in the review, else 0."""
+    found = ratings_in(review)
     return found[0] if len(found) == 1 else 0
 
 

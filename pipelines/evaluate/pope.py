@@ -18,8 +18,13 @@ from collections import Counter
 from itertools import combinations
 from pathlib import Path
 
-from actors.errors import InputError
-from actors.objects import says_no
+from actors.common.errors import InputError
+from actors.common.objects import (
+    EXISTENCE_QUESTION,
+    POPE_STRATEGIES,
+    pope_negatives,
+    says_no,
+)
 
 QUESTION_FIELDS = ("question_id", "image", "text", "label")
 
@@ -156,8 +161,6 @@ def pope_score_cli(questions: str | Path, answers: str | Path) -> dict:
 
 
 # ---- controlled POPE on generated images -------------------------------------------------------------------
-POPE_QUESTION = "Is there a {} in the image?"   # POPE's wording, "a" even before vowels, as its files have
-STRATEGIES = ("random", "popular", "adversarial")
 
 
 def image_file_name(prompt_id: str) -> str:
@@ -176,8 +179,8 @@ def controlled_pope_questions(rows: list[dict], vocab, n_neg: int = 3, strategy:
     Returns POPE question dicts (question_id from 1, image = image_file_name(prompt_id), text, label) plus
     `prompt_id` and `object`.
     """
-    if strategy not in STRATEGIES:
-        raise InputError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}", field="strategy")
+    if strategy not in POPE_STRATEGIES:
+        raise InputError(f"strategy must be one of {', '.join(POPE_STRATEGIES)}, got {strategy!r}", field="strategy")
     if n_neg < 1:
         raise InputError("n_neg must be >= 1", field="n_neg")
     images: dict[str, list[str]] = {}
@@ -205,17 +208,11 @@ def controlled_pope_questions(rows: list[dict], vocab, n_neg: int = 3, strategy:
         if k == 0:
             continue
         present = rng.sample(gt, k)
-        rng.shuffle(absent)   # the tie-break: sorted() below is stable
-        if strategy == "random":
-            negatives = absent[:k]
-        elif strategy == "popular":
-            negatives = sorted(absent, key=lambda c: -freq[c])[:k]
-        else:
-            negatives = sorted(absent, key=lambda c: -sum(cooc[g, c] for g in gt))[:k]
+        negatives = pope_negatives(rng, gt, absent, strategy, k, freq, cooc)
         for yes, no in zip(present, negatives):   # yes/no alternate, as in the POPE files
             for obj, label in ((yes, "yes"), (no, "no")):
                 out.append({"question_id": len(out) + 1, "image": image_file_name(pid),
-                            "text": POPE_QUESTION.format(obj), "label": label, "prompt_id": pid, "object": obj})
+                            "text": EXISTENCE_QUESTION.format(obj), "label": label, "prompt_id": pid, "object": obj})
     return out
 
 

@@ -63,6 +63,6 @@ def test_contract_names_the_stage_and_missing_column():
 
 
 def test_reward_buckets_cover_signed_values():
-    from actors.metrics import reward_bucket
+    from actors.common.metrics import reward_bucket
     assert [reward_bucket(v) for v in (-5, -1.5, -0.5, 0.0, 0.7, 9)] == \
         ["<-2.0", "[-2.0,-1.0)", "[-0.5,0.0)", "[0.0,0.5)", "[0.5,1.0)", ">=2.0"]

@@ -5,7 +5,7 @@ import json
 import pyarrow as pa
 import pytest
 
-from actors.errors import InputError
+from actors.common.errors import InputError
 from actors.prompts import PromptsConfig, QuestionExpander, candidate_seed, load_prompts
 
 

@@ -5,7 +5,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from actors.runtime import png_bytes
+from actors.common.runtime import png_bytes
 from actors.sampling import AnswerSampler, SamplerConfig
 
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
+from actors.common.objects import COCO_SYNONYMS, ObjectVocab
+from actors.common.runtime import open_png, png_bytes
 from actors.images import ImagesConfig, ImageSynthesis
-from actors.objects import ObjectVocab
 from actors.rewards import RewardsConfig, RewardScorer
-from actors.runtime import open_png, png_bytes
 from actors.sampling import AnswerSampler, SamplerConfig
 from actors.select import ImageSelection, SelectionConfig
-from conftest import SYNONYMS
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +67,7 @@ def test_sampler_appends_n_answers_per_model_and_is_seeded(tiny_models):
 
 
 def test_reward_scorer_terms_and_hallucination_penalty(tiny_models):
-    vocab = ObjectVocab.from_file(SYNONYMS)
+    vocab = ObjectVocab.from_file(COCO_SYNONYMS)
     scorer = RewardScorer(RewardsConfig(text_model=str(tiny_models["reward"]),
                                         clip_model=str(tiny_models["clip"])), vocab)
     t = _image_rows(1).append_column("answers", pa.array([["a dog and a cat", "a dog", "two hot dogs"]]))
@@ -82,7 +81,7 @@ def test_reward_scorer_terms_and_hallucination_penalty(tiny_models):
 
 
 def test_make_tiny_is_idempotent(tiny_models):
-    from actors.tiny import make_tiny
+    from pipelines.models.tiny import make_tiny
     marker = tiny_models["llava"] / ".complete"
     before = marker.stat().st_mtime_ns
     assert make_tiny(tiny_models["llava"].parent, names=["llava"])["llava"] == tiny_models["llava"]

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import ray
 import yaml
-
 from conftest import ROOT
 
 CLUSTER = ROOT / "cluster"

@@ -16,7 +16,6 @@ from collections import defaultdict
 
 import pyarrow.dataset as pads
 import pytest
-
 from conftest import tiny_config
 
 pytestmark = pytest.mark.slow
@@ -67,7 +66,8 @@ def cluster():
 
 def test_each_stage_runs_on_its_node_group(cluster, tiny_models, tmp_path):
     import ray
-    from pipelines.generate import run_generate
+
+    from pipelines.generate.job import run_generate
     nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
     assert nodes[cluster["A"]].get("diffusion_node") == 1 and "sampling_node" not in nodes[cluster["A"]]
     assert nodes[cluster["B"]].get("reward_node") == 1 and nodes[cluster["B"]].get("sampling_node") == 1

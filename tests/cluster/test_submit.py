@@ -22,8 +22,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
-from conftest import ROOT, SYNONYMS
+from conftest import ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -129,7 +128,7 @@ def cli(args: list[str], home: Path, **env_extra) -> subprocess.CompletedProcess
 # --- no head needed ---------------------------------------------------------------------------------
 
 def test_addresses_entrypoints_and_runtime_env():
-    from actors.errors import InputError
+    from actors.common.errors import InputError
     from cluster import submit as jobs
     assert jobs.normalize_address("127.0.0.1:8265/") == "http://127.0.0.1:8265"
     for bad in ("ray://head:10001", "auto", ""):
@@ -145,8 +144,8 @@ def test_addresses_entrypoints_and_runtime_env():
 
 
 def test_config_must_be_inside_the_uploaded_folder(tmp_path):
-    from actors.errors import InputError
-    from pipelines.cluster_commands import config_in_project
+    from actors.common.errors import InputError
+    from pipelines.cli.cluster import config_in_project
     assert config_in_project(str(ROOT / "configs" / "tiny.yaml"), ROOT) == "configs/tiny.yaml"
     (tmp_path / "c.yaml").write_text("output_dir: x\n")
     with pytest.raises(InputError, match="outside the project folder"):
@@ -154,13 +153,13 @@ def test_config_must_be_inside_the_uploaded_folder(tmp_path):
 
 
 def test_paths_the_job_cannot_see_fail_before_upload(tmp_path):
-    from actors.errors import InputError
-    from pipelines.cluster_commands import check_for_cluster
+    from actors.common.errors import InputError
+    from pipelines.cli.cluster import check_for_cluster
     from pipelines.config import load_config
-    cfg = load_config(ROOT / "configs" / "tiny.yaml")  # synonyms_file: ../shared/... (outside the project)
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["rewards.synonyms_file=../elsewhere/synonyms.txt"])
     with pytest.raises(InputError, match="rewards.synonyms_file.*outside the project folder"):
         check_for_cluster(cfg, ROOT)
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"rewards.synonyms_file={SYNONYMS}"])
+    cfg = load_config(ROOT / "configs" / "tiny.yaml")
     assert "output_dir 'runs/tiny' is relative" in check_for_cluster(cfg, ROOT)[0]
     cfg = load_config(ROOT / "configs" / "paper.yaml", [f"output_dir={tmp_path}"])
     assert check_for_cluster(cfg, ROOT) == []  # deepspeed config inside the project is fine
@@ -220,8 +219,7 @@ def test_missing_wrong_and_unreachable_give_one_clear_line(head, tmp_path):
     assert "no job raysubmit_x" in r.stderr, r.stderr
     # A submit without a token fails the same way, before anything runs.
     (home / ".ray" / "auth_token").unlink()
-    r = cli(["submit", "configs/tiny.yaml", "--address", head["address"], "--job", "generate",
-             "--set", f"rewards.synonyms_file={SYNONYMS}"], home)
+    r = cli(["submit", "configs/tiny.yaml", "--address", head["address"], "--job", "generate"], home)
     assert r.returncode == 2 and "requires an auth token" in r.stderr
 
 
@@ -232,7 +230,7 @@ def test_submit_generate_wait_then_status_and_logs(head, tmp_path):
     t0 = time.time()
     r = cli(["submit", "configs/tiny.yaml", "--address", head["address"], "--job", "generate",
              "--set", "prompts.num_prompts=2", "--set", f"output_dir={out}",
-             "--set", f"rewards.synonyms_file={SYNONYMS}", "--env", "SYNTHALIGN_TEST=1", "--wait"],
+             "--env", "SYNTHALIGN_TEST=1", "--wait"],
             home, RAY_AUTH_TOKEN=head["token"])
     elapsed = time.time() - t0
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -4,9 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from actors.errors import InputError
 from conftest import ROOT
+
+from actors.common.errors import InputError
 from pipelines.config import load_config
 
 SHIPPED = sorted((ROOT / "configs").glob("*.yaml"))
@@ -119,3 +119,29 @@ def test_hash_ignores_scheduling_but_not_data():
     b = load_config(ROOT / "configs" / "tiny.yaml", ["pools.images.size=3", "output_dir=elsewhere"])
     c = load_config(ROOT / "configs" / "tiny.yaml", ["images.steps=3"])
     assert a.hash() == b.hash() != c.hash()
+
+
+def test_problems_are_located_by_key_as_data():
+    from actors.common.errors import Problem
+    cfg = load_config(ROOT / "configs" / "tiny.yaml")
+    cfg.pools["images"].size = 0
+    cfg.samplers[1].n = 0
+    problems = cfg.validate()
+    assert Problem("pools.images.size", "must be >= 1") in problems
+    assert any(p.key == "samplers[1].n" for p in problems)
+    assert all(isinstance(p, Problem) for p in problems)
+
+
+def test_fault_stage_must_name_a_pool_of_the_stage_list():
+    with pytest.raises(InputError, match="faults.stage.*images, selection, sampling, rewards"):
+        load_config(ROOT / "configs" / "tiny.yaml", ["faults.stage=imagez"])
+
+
+def test_train_hash_follows_the_recipe_not_how_it_is_watched():
+    base = load_config(ROOT / "configs" / "tiny.yaml")
+    same = load_config(ROOT / "configs" / "tiny.yaml", ["train.save_steps=3", "train.workers.threads=2",
+                                                       "train.report_to=[none]", "pools.images.size=1"])
+    assert base.train_hash() == same.train_hash()
+    for change in ("train.beta=0.2", "train.lora.r=4", "train.workers.num_workers=1", "images.steps=3"):
+        assert load_config(ROOT / "configs" / "tiny.yaml", [change]).train_hash() != base.train_hash(), change
+    assert load_config(ROOT / "configs" / "tiny.yaml", ["train.beta=0.2"]).hash() == base.hash()

@@ -1,0 +1,1 @@
+"""`synthalign bench` and `python -m pipelines.bench.shapes`: the benchmarks."""

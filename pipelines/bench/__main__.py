@@ -1,0 +1,15 @@
+"""`python -m pipelines.bench KIND JSON`: the benchmarks' subprocess drivers (see child.py)."""
+from __future__ import annotations
+
+import json
+import sys
+
+if __name__ == "__main__":
+    kind, arg = sys.argv[1], json.loads(sys.argv[2])
+    if kind == "scaling-child":
+        from pipelines.bench.streaming import scaling_child
+        result = scaling_child(**arg)
+    else:
+        from pipelines.bench.sim import cluster_child
+        result = cluster_child(arg)
+    print(json.dumps(result), flush=True)

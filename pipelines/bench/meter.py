@@ -1,0 +1,56 @@
+"""How the benchmarks measure: CPU seconds of a process tree, load average, medians."""
+from __future__ import annotations
+
+import os
+
+
+def load_avg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+class CpuMeter:
+    """CPU seconds used by this process and all its descendants (a local Ray's raylet, workers...) while
+    active, sampled every `every` s so that processes which exit early still count up to their last sample."""
+
+    def __init__(self, every: float = 0.5):
+        import threading
+        self.every, self.seen, self.stop, self.started = every, {}, threading.Event(), False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self):
+        import psutil
+        me = psutil.Process()
+        for p in [me] + me.children(recursive=True):
+            try:
+                t = p.cpu_times()
+                first = t.user + t.system if not self.started else 0.0  # a new process counts from 0
+                # The name is read each time: a Ray worker renames itself (ray::MapWorker(...)) once it runs.
+                self.seen.setdefault(p.pid, [first, 0.0, ""])[1:] = [t.user + t.system,
+                                                                     (p.cmdline() or [p.name()])[0][:48]]
+            except psutil.Error:
+                pass
+
+    def _run(self):
+        while not self.stop.wait(self.every):
+            self._sample()
+
+    def __enter__(self):
+        self._sample()
+        self.started = True
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+        self._sample()
+        self.by_name = {}
+        for first, last, name in self.seen.values():
+            self.by_name[name] = self.by_name.get(name, 0.0) + max(0.0, last - first)
+        self.seconds = sum(self.by_name.values())
+        self.processes = len(self.seen)
+
+
+def median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if xs else float("nan")

@@ -1,0 +1,97 @@
+"""`synthalign bench`: is the pipeline worth its machinery?
+
+streaming  `generate` vs the same chain in one process (streaming.py)
+scaling    two sizes, one driver subprocess each: wall time and driver peak RSS (streaming.py)
+training   Ray Train DPO step time vs plain TRL (training.py)
+cluster    a simulated GPU cluster running the real Ray Data chain on sleep stand-ins (sim.py)
+
+Library code: the caller connects Ray (the CLI does); the cluster simulation starts its own in a subprocess.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from pipelines.bench.meter import load_avg
+
+BENCHMARKS = ("streaming", "scaling", "training", "cluster")
+
+
+def run_bench(out: Path, only=BENCHMARKS, tiny: Path | None = None, prompts: int = 2048, sizes=(500, 2250),
+              train_steps: int = 30, sim: dict | None = None) -> dict:
+    """Run the selected benchmarks (Ray must be connected for all but `cluster`); writes JSON and markdown."""
+    out = Path(out)
+    work, tiny = out / "work", Path(tiny or out / "tiny")
+    work.mkdir(parents=True, exist_ok=True)
+    results = {"machine": {"cores": os.cpu_count(), "load_avg_start": load_avg()}}
+    for name in only:
+        t0 = time.time()
+        if name == "streaming":
+            from pipelines.bench.streaming import bench_streaming
+            results[name] = bench_streaming(work, tiny, prompts)
+        elif name == "scaling":
+            from pipelines.bench.streaming import bench_scaling
+            results[name] = bench_scaling(work, tiny, sizes)
+        elif name == "training":
+            from pipelines.bench.training import bench_training
+            results[name] = bench_training(work, tiny, train_steps)
+        elif name == "cluster":
+            from pipelines.bench.sim import bench_cluster
+            results[name] = {k: bench_cluster(work / k, **{**(sim or {}), "shape": shp})
+                             for k, shp in (("balanced", None), ("given", (sim or {}).get("shape")))
+                             if k == "balanced" or shp}
+        results[name]["bench_seconds"] = round(time.time() - t0, 1)
+    results["machine"]["load_avg_end"] = load_avg()
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.md").write_text(markdown(results))
+    return results
+
+
+# Each target once: (benchmark, figure) -> (comparison, bound); the markdown table reads them from here.
+TARGETS = {("streaming", "ratio"): (">=", 1.5), ("scaling", "wall_ratio"): ("<=", 4.7),
+           ("scaling", "rss_ratio"): ("<=", 1.1), ("training", "ratio"): ("<=", 1.1),
+           ("cluster", "min_busy"): (">=", 0.9)}
+
+
+def met(bench: str, figure: str, value: float) -> bool:
+    op, bound = TARGETS[bench, figure]
+    return value >= bound if op == ">=" else value <= bound
+
+
+def _target(bench: str, figure: str) -> str:
+    op, bound = TARGETS[bench, figure]
+    return f"{'≥' if op == '>=' else '≤'} " + (f"{bound:.0%}" if figure == "min_busy" else f"{bound:g}×")
+
+
+def markdown(r: dict) -> str:
+    rows = []
+    if "streaming" in r:
+        s = r["streaming"]
+        rows += [("streaming", f"{s['prompts']} prompts: pipeline / loop throughput", f"{s['ratio']}× "
+                  f"({s['pipeline_seconds']} s vs {s['loop_seconds']} s)", _target("streaming", "ratio"),
+                  met("streaming", "ratio", s["ratio"]))]
+    if "scaling" in r:
+        s = r["scaling"]
+        rows += [("scaling", f"wall time for {s['work_ratio']}× the work", f"{s['wall_ratio']}×",
+                  _target("scaling", "wall_ratio"), met("scaling", "wall_ratio", s["wall_ratio"])),
+                 ("scaling", "driver peak RSS", f"{s['rss_ratio']}× ({s['runs'][0]['peak_rss_mb']} → "
+                  f"{s['runs'][-1]['peak_rss_mb']} MB)", _target("scaling", "rss_ratio"),
+                  met("scaling", "rss_ratio", s["rss_ratio"]))]
+    if "training" in r:
+        s = r["training"]
+        rows += [("training", "Ray Train / plain TRL, median step", f"{s['ratio']}× ({s['ray_train_step_s']} s vs "
+                  f"{s['plain_trl_step_s']} s)", _target("training", "ratio"), met("training", "ratio", s["ratio"]))]
+    for shape, s in r.get("cluster", {}).items():
+        if shape == "bench_seconds":
+            continue
+        busy = ", ".join(f"{k} {v['gpus']:g} GPU {v['busy']:.0%}" for k, v in s["pools"].items())
+        rows += [("cluster", f"{shape} shape ({s['gpus_total']:g} GPUs), busy per pool", busy,
+                  f"each {_target('cluster', 'min_busy')}", met("cluster", "min_busy", s["min_busy"])),
+                 ("cluster", f"predicted wall time, {s['predict_prompts']} prompts", f"{s['predicted_hours']} h "
+                  f"(ideal {s['ideal_hours']} h)", "", None)]
+    lines = ["| benchmark | metric | result | target | met |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {a} | {b} | {c} | {d} | {'' if e is None else 'yes' if e else 'no'} |" for a, b, c, d, e in rows]
+    m = r["machine"]
+    return "\n".join(lines) + f"\n\n{m['cores']} cores; load average {m['load_avg_start']} → {m['load_avg_end']}\n"

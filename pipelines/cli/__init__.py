@@ -1,0 +1,155 @@
+"""`synthalign`: one entry point, each subcommand thin over a library function."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from actors.common.errors import InputError
+from actors.contract import ContractError
+from pipelines.cli.bench import add_bench_command
+from pipelines.cli.cluster import add_cluster_commands
+from pipelines.cli.eval import add_eval_commands
+from pipelines.typed import ConfigTypeError
+
+USER_ERRORS = (InputError, ConfigTypeError, ContractError)
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML run config, e.g. configs/tiny.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set prompts.num_prompts=100 (repeatable)")
+    p.add_argument("--address", help="Ray address to attach to (default: RAY_ADDRESS, else a local Ray)")
+
+
+def _ray(args) -> None:
+    from cluster.connect import connect
+    connect(args.address)
+
+
+def cmd_make_tiny(args) -> int:
+    if args.world == "shapes":   # a small LLaVA pretrained to see the shapes world (pipelines/pretrain.py)
+        from pipelines.models.pretrain import make_shapes_base
+        print(f"llava: {make_shapes_base(args.out, seed=args.seed)}")
+        return 0
+    from pipelines.models.tiny import make_tiny
+    for name, path in make_tiny(args.out, seed=args.seed).items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from pipelines.config import load_config
+    from pipelines.generate.job import prepare, run_generate
+    cfg = load_config(args.config, args.overrides)
+    prepared = prepare(cfg, overwrite=args.overwrite)  # bad input fails here, before Ray starts
+    _ray(args)
+    manifest = run_generate(cfg, prepared=prepared)
+    c = manifest["counts"]
+    print(f"pairs: {c['pairs']} of {c['questions']} image-questions ({c['prompts']} prompts, {c['errors']} failed rows, "
+          f"{c['answers']} answers, dropped {c['dropped'] or 'none'}) -> {cfg.output_dir}/pairs")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from pipelines.config import load_config
+    from pipelines.folder import RunFolder
+    from pipelines.run.job import train_run
+    from pipelines.train.job import check_recipe
+    cfg = load_config(args.config, args.overrides)
+    check_recipe(cfg.train)                                               # bad input fails before Ray starts
+    RunFolder(cfg).prepare(overwrite=args.overwrite, data=False, train=True)
+    _ray(args)
+    summary = train_run(cfg, args.data)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def cmd_run(args) -> int:
+    from pipelines.config import load_config
+    from pipelines.generate.job import prepare
+    from pipelines.run.job import run_all
+    cfg = load_config(args.config, args.overrides)
+    prepared = prepare(cfg, overwrite=args.overwrite, train=True)  # bad input fails here, before Ray starts
+    _ray(args)
+    run_all(cfg, prepared)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from pipelines.report.report import write_report
+    md, html = write_report(args.run)
+    print(f"report: {md} and {html}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from pipelines.report.export import export_llava_json
+    print(export_llava_json(args.run, args.out))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="synthalign", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("make-tiny", help="build the tiny random-weight models (or the pretrained shapes LLaVA)")
+    p.add_argument("--out", default=".synthalign/tiny")
+    p.add_argument("--world", choices=["coco", "shapes"], default="coco",
+                   help="shapes: a small LLaVA briefly pretrained on the shapes world (a few minutes on CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_make_tiny)
+
+    for name, fn, help_ in (("generate", cmd_generate, "make preference pairs"),
+                            ("run", cmd_run, "generate, train, then write the report")):
+        p = sub.add_parser(name, help=help_)
+        _config_args(p)
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace what a run of another config left here (only the parts it changes)")
+        p.set_defaults(fn=fn)
+
+    p = sub.add_parser("train", help="DPO post-training on Ray Train")
+    _config_args(p)
+    p.add_argument("--data", help="pairs folder (default: train.data or OUTPUT_DIR/pairs)")
+    p.add_argument("--overwrite", action="store_true", help="replace a training run of another recipe")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("report", help="write report.md and report.html with plots for a run")
+    p.add_argument("run", help="run folder (output_dir)")
+    p.set_defaults(fn=cmd_report)
+
+    p = sub.add_parser("export", help="write a run's pairs in another format")
+    p.add_argument("run", help="run folder (output_dir) or pairs folder")
+    p.add_argument("--format", choices=["llava-json"], default="llava-json")
+    p.add_argument("--out", help="output folder (default RUN/export/llava)")
+    p.set_defaults(fn=cmd_export)
+
+    add_eval_commands(sub)
+    add_cluster_commands(sub)
+    add_bench_command(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except USER_ERRORS as e:
+        if args.debug:
+            raise
+        print(f"synthalign: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        from pipelines.generate.job import JobError
+        if args.debug or not isinstance(e, JobError):
+            raise
+        print(f"synthalign: failed: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("synthalign: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""`synthalign bench`: the benchmark suite (pipelines/bench.py); writes results.json and results.md."""
+from __future__ import annotations
+
+import json
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x)
+
+
+def _shape(text: str | None) -> dict | None:
+    """`images=4,sampling=1,selection=0.5,rewards=0.5` -> GPUs per pool (sampling: per sampler)."""
+    if not text:
+        return None
+    out = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        out[key.strip()] = float(value)
+    return out
+
+
+def cmd_bench(args) -> int:
+    from actors.common.errors import InputError
+    from pipelines.bench.suite import BENCHMARKS, run_bench
+    only = tuple(x.strip() for x in args.only.split(",") if x.strip())
+    unknown = [x for x in only if x not in BENCHMARKS]
+    if unknown:
+        raise InputError(f"unknown benchmark(s) {unknown} (known: {', '.join(BENCHMARKS)})", field="--only")
+    if set(only) - {"cluster"}:  # the cluster simulation starts its own Ray in a subprocess
+        from cluster.connect import connect
+        connect(args.address)
+    sim = {"prompts": args.sim_prompts, "scale": args.cost_scale, "gpus": args.gpus, "shape": _shape(args.shape)}
+    results = run_bench(args.out, only, tiny=args.tiny, prompts=args.prompts, sizes=_ints(args.scaling_sizes),
+                        train_steps=args.train_steps, sim=sim)
+    print(json.dumps(results, indent=2))
+    print(f"-> {args.out}/results.json, {args.out}/results.md")
+    return 0
+
+
+def add_bench_command(sub) -> None:
+    p = sub.add_parser("bench", help="performance benchmarks (streaming, scaling, training, cluster simulation)")
+    p.add_argument("--out", required=True, help="folder for results.json, results.md and the runs")
+    p.add_argument("--only", default="streaming,scaling,training,cluster",
+                   help="comma-separated subset of streaming,scaling,training,cluster")
+    p.add_argument("--prompts", type=int, default=2048, help="streaming: prompts (pipeline vs loop)")
+    p.add_argument("--scaling-sizes", default="500,2250", help="scaling: prompts per run (2K-vs-9K proportions)")
+    p.add_argument("--train-steps", type=int, default=30, help="training: DPO steps per run")
+    p.add_argument("--sim-prompts", type=int, default=600, help="cluster: prompts through the simulated cluster")
+    p.add_argument("--cost-scale", type=float, default=0.02, help="cluster: factor on the A100 per-item seconds")
+    p.add_argument("--gpus", type=float, default=8, help="cluster: GPUs of the balanced shape")
+    p.add_argument("--shape", default="images=4,sampling=1,selection=0.5,rewards=0.5",
+                   help="cluster: a given shape to simulate as well, GPUs per pool (sampling: each sampler)")
+    p.add_argument("--tiny", help="tiny models folder (default OUT/tiny)")
+    p.add_argument("--address", help="Ray address to attach to (default: RAY_ADDRESS, else a local Ray)")
+    p.set_defaults(fn=cmd_bench)

@@ -1,0 +1,124 @@
+"""The one owner of a run folder's lifecycle: what it holds, which config made each part, what is stale.
+
+A run folder has three parts, each made from part of the config:
+    data   scored/, pairs/, candidates/, errors/, manifest.json   <- RunConfig.data_dict() (data hash)
+    train  train/ (its recipe in train/recipe.json)               <- RunConfig.train_dict() (train hash)
+    eval   eval/, report.*                                         <- remade by every `run`
+A part is stale when the config that made it differs from this one; stale data makes training stale too. A
+stale part is an error naming the changed keys unless `--overwrite`, which clears exactly the stale parts; an
+unchanged part resumes.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from pathlib import Path
+
+from actors.common.errors import InputError
+from actors.common.files import atomic_write
+from pipelines.config import RunConfig
+
+DATA_PARTS = ("scored", "pairs", "candidates", "errors", ".faults", "manifest.json")
+TRAIN_PARTS = ("train",)
+EVAL_PARTS = ("eval", "report", "report.md", "report.html")
+
+
+def _flat(d, prefix: str = "") -> dict:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts."""
+    a, b = _flat(old, prefix), _flat(new, prefix)
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+
+
+class RunFolder:
+    def __init__(self, cfg: RunConfig):
+        self.cfg, self.path = cfg, Path(cfg.output_dir)
+        self.manifest_path = self.path / "manifest.json"
+        self.recipe_path = self.path / "train" / "recipe.json"
+
+    # ---- what is there ------------------------------------------------------------------------------------
+    def manifest(self) -> dict | None:
+        if not self.manifest_path.exists():
+            return None
+        try:
+            return json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            raise InputError("manifest.json is not valid JSON; move the folder away or pass --overwrite",
+                             file=str(self.path)) from None
+
+    def stale_data(self) -> list[str] | None:
+        """Changed generation keys (None: no data yet or the same config)."""
+        m = self.manifest()
+        if m is None or m.get("data_hash") == self.cfg.hash():
+            return None
+        old = m.get("data_config")
+        return changed_keys(old, self.cfg.data_dict()) if isinstance(old, dict) else ["(unrecorded config)"]
+
+    def stale_train(self) -> list[str] | None:
+        """Changed training keys (None: no training yet or the same recipe)."""
+        if not (self.path / "train").exists():
+            return None
+        if not self.recipe_path.exists():
+            return ["(unrecorded training recipe)"]
+        recipe = json.loads(self.recipe_path.read_text(encoding="utf-8"))
+        if recipe.get("train_hash") == self.cfg.train_hash():
+            return None
+        return changed_keys(recipe.get("train", {}), self.cfg.train_dict(), "train")
+
+    # ---- claiming it for this config -----------------------------------------------------------------------
+    def prepare(self, overwrite: bool = False, data: bool = True, train: bool = False) -> Path:
+        """Check that this config may write its data (`data`) and training (`train`) here; with overwrite, clear
+        what is stale. Nothing is removed unless every check passed."""
+        data = self.stale_data() if data else None
+        trained = self.stale_train() if train or data else None
+        if not overwrite:
+            if data:
+                raise InputError(f"holds generated data of another config (changed: {', '.join(data)}); use "
+                                 "another output_dir or pass --overwrite", file=str(self.path))
+            if trained:
+                raise InputError(f"holds a training run of another recipe (changed: {', '.join(trained)}); use "
+                                 "another output_dir or pass --overwrite", file=str(self.path))
+        self._check_writable()
+        if data:
+            self._remove(DATA_PARTS + TRAIN_PARTS + EVAL_PARTS)
+        elif trained:
+            self._remove(TRAIN_PARTS + EVAL_PARTS)
+        return self.path
+
+    def clear(self) -> None:
+        """Everything this folder holds of a run (a fresh start, e.g. for a benchmark)."""
+        self._remove(DATA_PARTS + TRAIN_PARTS + EVAL_PARTS)
+
+    def claim_train(self) -> None:
+        """Record the recipe before training writes anything: a later config is compared with it."""
+        self.recipe_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.recipe_path, json.dumps({"train_hash": self.cfg.train_hash(),
+                                                   "train": self.cfg.train_dict()}, indent=2))
+
+    def write_manifest(self, manifest: dict) -> None:
+        base = {"config": self.cfg.to_dict(), "data_config": self.cfg.data_dict(), "data_hash": self.cfg.hash()}
+        atomic_write(self.manifest_path, json.dumps({**base, **manifest}, indent=2))
+
+    # ---- helpers ------------------------------------------------------------------------------------------
+    def _check_writable(self) -> None:
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = self.path / f".write-test-{uuid.uuid4().hex[:6]}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise InputError(f"output folder is not writable ({e.strerror})", file=str(self.path)) from None
+
+    def _remove(self, names) -> None:
+        for name in names:
+            target = self.path / name
+            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)

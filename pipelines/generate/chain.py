@@ -1,0 +1,123 @@
+"""The generation chain: every wiring built from the one stage list, `actors.contract.STAGES`.
+
+From it come the column-contract check, the per-stage Ray Data chain, the fused chain (`fuse: true`), the
+in-process chain the benchmark runs, and the cluster simulation's chain (stand-ins swapped in by pool key).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from actors.common.guard import FAULTS_ENV
+from actors.contract import PROMPT_COLUMNS, STAGES, check_chain
+from cluster.resources import PoolConfig, map_batches_kwargs
+
+
+@dataclass
+class Step:
+    """One stage instance of a concrete run: what to construct, and on which pool."""
+    name: str                          # the stage class name: what the dashboard shows per pool
+    pool: PoolConfig
+    parts: list                        # [(class, constructor kwargs, takes threads)]
+
+    @property
+    def classes(self) -> list[type]:
+        return [cls for cls, _, _ in self.parts]
+
+
+def steps(cfg, vocab, stages=STAGES, swap: dict | None = None) -> list[Step]:
+    """The run's stage instances in order; `swap` replaces stage classes by pool key (same constructor)."""
+    out = []
+    for st in stages:
+        cls = (swap or {}).get(st.pool, st.cls)
+        section = getattr(cfg, st.config)
+        for sub in section if isinstance(section, list) else [section]:
+            kwargs = {"cfg": sub, **({"vocab": vocab} if st.needs_vocab else {})}
+            parts = [(cls, kwargs, True)]
+            if st.then:
+                parts.append((st.then, {"cfg": getattr(cfg, st.then_config)} if st.then_config else {}, False))
+            pool = cfg.pool(st.pool, sub if isinstance(section, list) else None)
+            out.append(Step(cls.__name__, pool, parts))
+    return out
+
+
+def check_steps(run_steps: list[Step]) -> list[str]:
+    """The column contract of the chain that will run; returns the columns it ends with."""
+    return check_chain(PROMPT_COLUMNS, [c for s in run_steps for c in s.classes])
+
+
+class Chain:
+    """Stage instances run one after another in one actor. A cheap row-wise step rides with the stage before
+    it: a separate task per batch costs a hop through the object store and, on a busy node, often a fresh
+    worker process (about 1 s of CPU each; BENCHMARKS.md). With `fuse: true` the whole chain is one actor: on
+    CPU nodes one process per core beats a process per stage time-sharing the cores."""
+
+    def __init__(self, parts, threads: int = 1):
+        self.parts = [cls(**kwargs, **({"threads": threads} if takes_threads else {}))
+                      for cls, kwargs, takes_threads in parts]
+
+    def __call__(self, batch):
+        for part in self.parts:
+            batch = part(batch)
+        return batch
+
+
+def named_chain(name: str) -> type:
+    """A Chain subclass named after its stage, so the dashboard shows MapWorker(MapBatches(ImageSynthesis))."""
+    return type(name, (Chain,), {"__module__": __name__, "__qualname__": name})
+
+
+def build_pipeline(cfg, prompts, vocab, stages=STAGES, swap: dict | None = None):
+    """Chain the stages on a Ray Data dataset of prompt rows (a pyarrow table); the contract is checked first."""
+    import ray.data
+    run_steps = steps(cfg, vocab, stages, swap)
+    check_steps(run_steps)
+    # Blocks of about one images batch keep every pool fed from the first rows on.
+    rows_per_block = max(cfg.pool("images").batch_size, -(-prompts.num_rows // 1000))
+    ds = ray.data.from_arrow([prompts.slice(i, rows_per_block)
+                              for i in range(0, prompts.num_rows, rows_per_block)])
+    if cfg.fuse:  # one actor class, scheduled by pools.images
+        run_steps = [Step("WholeChain", cfg.pool("images"), [p for s in run_steps for p in s.parts])]
+    for step in run_steps:
+        kwargs = map_batches_kwargs(step.pool)
+        if cfg.faults and cfg.faults.stage:  # test-only fault injection travels as an env var
+            kwargs["runtime_env"]["env_vars"][FAULTS_ENV] = json.dumps(
+                {**dataclasses.asdict(cfg.faults),
+                 "marker_dir": cfg.faults.marker_dir or str(Path(cfg.output_dir, ".faults"))})
+        ds = ds.map_batches(named_chain(step.name), fn_constructor_kwargs={"parts": step.parts,
+                                                                           "threads": step.pool.threads},
+                            batch_format="pyarrow", **kwargs)
+    return ds
+
+
+class LocalChain:
+    """The same chain in this process: models load once here, then each chunk of prompt rows goes through the
+    stages in turn, each stage called with its pool's batch size (the benchmark's in-process baseline)."""
+
+    def __init__(self, cfg, vocab):
+        run_steps = steps(cfg, vocab)
+        check_steps(run_steps)
+        self.chains = [(Chain(s.parts, threads=s.pool.threads), s.pool.batch_size) for s in run_steps]
+        self.chunk_rows = max(s.pool.batch_size for s in run_steps[:2])
+
+    def __call__(self, prompts):
+        """Yield one finished table per chunk of `prompts` (a prompt table)."""
+        import pyarrow as pa
+        for i in range(0, prompts.num_rows, self.chunk_rows):
+            table = prompts.slice(i, self.chunk_rows)
+            for chain, size in self.chains:
+                parts = [chain(table.slice(j, size)) for j in range(0, table.num_rows, size)]
+                table = pa.concat_tables(parts, promote_options="permissive") if parts else table
+            yield table
+
+
+def prompt_table(rows: list[dict]):
+    import pyarrow as pa
+    return pa.table({
+        "prompt_id": pa.array([r["prompt_id"] for r in rows], pa.string()),
+        "image_prompt": pa.array([r["image_prompt"] for r in rows], pa.string()),
+        "instructions": pa.array([r["instructions"] for r in rows], pa.list_(pa.string())),
+        "gt_objects": pa.array([r["gt_objects"] for r in rows], pa.list_(pa.string())),
+    })

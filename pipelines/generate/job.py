@@ -1,0 +1,105 @@
+"""`synthalign generate`: prompts -> K images -> best image -> answers -> rewards -> pairs, on Ray Data.
+
+The stream ends in `scored/` (one row per image-question with every candidate and reward term); the
+finished views `pairs/` (kept pairs) and `candidates/` (one row per answer) are derived from it, each
+written to a temporary folder and renamed into place, so a reader never sees half a dataset.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from actors.common.errors import InputError
+from actors.common.files import looks_local
+from actors.prompts import load_prompts
+from actors.rewards import load_vocab
+from cluster.resources import WRITE_CPUS, task_kwargs
+from pipelines.config import RunConfig
+from pipelines.folder import RunFolder
+from pipelines.generate.chain import build_pipeline, prompt_table
+from pipelines.generate.outputs import (
+    AtomicParquetSink,
+    clean_partial,
+    done_prompts,
+    finalize,
+)
+
+
+def package_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+    out = {}
+    for name in ("synthalign", "ray", "torch", "transformers", "diffusers", "trl", "peft", "deepspeed",
+                 "pyarrow", "vllm"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+class JobError(Exception):
+    """The job ran but its result is not acceptable (e.g. too many bad rows)."""
+
+
+def check_models(cfg: RunConfig) -> None:
+    """A local model folder that does not exist fails here, before any actor starts."""
+    models = [("images.model", cfg.images.model), ("selection.model", cfg.selection.model),
+              ("rewards.text_model", cfg.rewards.text_model), ("rewards.clip_model", cfg.rewards.clip_model)]
+    models += [(f"samplers[{i}].model", s.model) for i, s in enumerate(cfg.samplers)]
+    for key, path in models:
+        if path and looks_local(path) and not Path(path).expanduser().exists():
+            raise InputError(f"model folder not found: {path}", field=key)
+
+
+def prepare(cfg: RunConfig, overwrite: bool = False, train: bool = False):
+    """Everything that can fail on bad input, done before Ray starts: models, prompts, the run folder
+    (`train`: the training recipe too). With overwrite, the folder's stale parts are cleared last."""
+    from pipelines.models.tiny import make_tiny
+    if cfg.tiny_models and cfg.images.backend == "shapes":   # the world's base model, pretrained to see it
+        from pipelines.models.pretrain import make_shapes_base
+        make_shapes_base(cfg.tiny_models)
+    elif cfg.tiny_models:
+        make_tiny(cfg.tiny_models)
+    check_models(cfg)
+    if train:
+        from pipelines.train.job import check_recipe
+        check_recipe(cfg.train)
+    vocab = load_vocab(cfg.rewards, cfg.prompts.source)
+    rows = load_prompts(cfg.prompts, mentions=vocab.mentions)
+    return rows, vocab, RunFolder(cfg).prepare(overwrite, train=train)  # last: only then is anything removed
+
+
+def write_scored(ds, folder: Path, rows_per_shard: int) -> None:
+    """Stream a pipeline's rows into durable shards (the write is a light task beside the actor pools)."""
+    ds.write_datasink(AtomicParquetSink(str(folder), rows_per_shard), ray_remote_args=task_kwargs(WRITE_CPUS))
+
+
+def run_generate(cfg: RunConfig, overwrite: bool = False, prepared=None) -> dict:
+    """Run (or resume) the generation job on the connected Ray cluster; returns the manifest."""
+    t0 = time.time()
+    rows, vocab, out = prepared or prepare(cfg, overwrite)
+    folder = RunFolder(cfg)
+    base = {"versions": package_versions()}
+    folder.write_manifest({**base, "status": "running"})  # claims the folder for this config
+    scored = out / "scored"
+    clean_partial(scored)
+    done = done_prompts(scored, {r["prompt_id"]: len(r["instructions"]) for r in rows})
+    todo = [r for r in rows if r["prompt_id"] not in done]
+    t_prep = time.time()
+    if todo:
+        write_scored(build_pipeline(cfg, prompt_table(todo), vocab), scored, cfg.rows_per_shard)
+    t_stream = time.time()
+    counts = finalize(out, cfg.min_rows_per_file)
+    counts["images_rendered"] = len(todo) * cfg.images.num_candidates
+    counts["prompts_resumed"] = len(done)
+    error_fraction = counts["errors"] / max(1, counts["questions"])
+    status = "failed" if error_fraction > cfg.max_error_fraction else "complete"
+    manifest = {**base, "status": status, "counts": counts,
+                "timings_s": {"prepare": round(t_prep - t0, 2), "stream": round(t_stream - t_prep, 2),
+                              "finalize": round(time.time() - t_stream, 2), "total": round(time.time() - t0, 2)}}
+    folder.write_manifest(manifest)
+    if status == "failed":
+        raise JobError(f"{counts['errors']} of {counts['questions']} image-questions failed "
+                       f"({error_fraction:.1%} > max_error_fraction {cfg.max_error_fraction:.1%}); "
+                       f"see {out / 'errors'}")
+    return manifest

@@ -1,0 +1,1 @@
+"""`synthalign make-tiny`: tiny random-weight models and the pretrained shapes-world LLaVA."""

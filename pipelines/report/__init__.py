@@ -1,0 +1,1 @@
+"""`synthalign report` and `synthalign export`: what a finished run is turned into."""

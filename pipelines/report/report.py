@@ -1,0 +1,157 @@
+"""`synthalign report RUN`: report.md and a self-contained report.html with PNG plots of a run.
+
+Sections whose data is not there yet (no training, no evaluation) say so instead of failing.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+from collections import Counter
+from pathlib import Path
+
+from actors.common.errors import InputError
+
+
+def _column(folder: Path, column: str) -> list:
+    import pyarrow.parquet as pq
+    values = []
+    for f in sorted(folder.glob("*.parquet")):
+        if column in pq.read_schema(f).names:
+            values += pq.read_table(f, columns=[column]).column(column).to_pylist()
+    return values
+
+
+def _plot(path: Path, draw) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    draw(ax)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+    return path
+
+
+def _rewards(ax, pairs: Path):
+    chosen, rejected = _column(pairs, "chosen_reward"), _column(pairs, "rejected_reward")
+    ax.hist([chosen, rejected], bins=20, label=["chosen", "rejected"], alpha=0.8)
+    ax.set_xlabel("combined reward")
+    ax.set_ylabel("pairs")
+    ax.legend()
+
+
+def _margins(ax, pairs: Path):
+    ax.hist(_column(pairs, "margin"), bins=20, color="tab:green")
+    ax.set_xlabel("margin (chosen - rejected)")
+    ax.set_ylabel("pairs")
+
+
+def _models(ax, pairs: Path):
+    chosen, rejected = Counter(_column(pairs, "chosen_model")), Counter(_column(pairs, "rejected_model"))
+    names = sorted(set(chosen) | set(rejected))
+    xs = range(len(names))
+    ax.bar([x - 0.2 for x in xs], [chosen[n] for n in names], width=0.4, label="chosen")
+    ax.bar([x + 0.2 for x in xs], [rejected[n] for n in names], width=0.4, label="rejected")
+    ax.set_xticks(list(xs), names, rotation=15, fontsize=8)
+    ax.set_ylabel("pairs")
+    ax.legend()
+
+
+def _training(ax, metrics: list[dict]):
+    steps = [m["step"] for m in metrics if "loss" in m]
+    ax.plot(steps, [m["loss"] for m in metrics if "loss" in m], label="DPO loss")
+    margins = [m.get("rewards/margins") for m in metrics if "loss" in m]
+    if all(v is not None for v in margins):
+        ax.plot(steps, margins, label="reward margin")
+    ax.set_xlabel("step")
+    ax.legend()
+
+
+def _eval_table(summary: dict) -> list[str]:
+    rows = ["| metric | base | adapter |", "| --- | --- | --- |"]
+    for group in ("pope", "chair", "mmhal"):
+        keys = sorted(set(summary.get("base", {}).get(group, {})) | set(summary.get("adapter", {}).get(group, {})))
+        for k in keys:
+            b = summary.get("base", {}).get(group, {}).get(k)
+            a = summary.get("adapter", {}).get(group, {}).get(k)
+            fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else ("—" if v is None else str(v))  # noqa: E731
+            rows.append(f"| {group} {k} | {fmt(b)} | {fmt(a)} |")
+    return rows
+
+
+def _eval_bars(ax, summary: dict):
+    """Base and adapter side by side: POPE accuracy per negative strategy, then CHAIR_i and CHAIR_s."""
+    labels, base, adapter = [], [], []
+    for name, get in [(f"POPE {s}", lambda m, s=s: m.get("pope_by_strategy", {}).get(s, {}).get("accuracy"))
+                      for s in summary.get("base", {}).get("pope_by_strategy", {})] + \
+                     [("POPE acc", lambda m: m.get("pope", {}).get("accuracy")),
+                      ("CHAIR_i", lambda m: m.get("chair", {}).get("chair_i")),
+                      ("CHAIR_s", lambda m: m.get("chair", {}).get("chair_s"))]:
+        b, a = get(summary.get("base", {})), get(summary.get("adapter", {}))
+        if b is not None and a is not None:
+            labels.append(name)
+            base.append(b)
+            adapter.append(a)
+    x = range(len(labels))
+    ax.bar([i - 0.2 for i in x], base, width=0.4, label="base")
+    ax.bar([i + 0.2 for i in x], adapter, width=0.4, label="adapter")
+    ax.set_xticks(list(x), labels, fontsize=7, rotation=15)
+    ax.set_ylim(0, 1)
+    ax.legend()
+
+
+def write_report(run_dir: str | Path) -> tuple[Path, Path]:
+    run = Path(run_dir)
+    if not (run / "manifest.json").exists():
+        raise InputError("not a run folder (no manifest.json)", file=str(run))
+    manifest = json.loads((run / "manifest.json").read_text())
+    plots_dir = run / "report"
+    plots_dir.mkdir(exist_ok=True)
+    md = [f"# SynthAlign run report: `{run}`", "", f"Data hash `{manifest.get('data_hash')}`, "
+          f"status **{manifest.get('status', '?')}**.", "", "## Data", ""]
+    counts = manifest.get("counts", {})
+    md += ["| count | value |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in counts.items()] + [""]
+    plots = []
+    pairs = run / "pairs"
+    if counts.get("pairs"):
+        for name, title, draw in (("rewards", "Chosen and rejected rewards", _rewards),
+                                  ("margins", "Reward margins", _margins),
+                                  ("models", "Whose answers were chosen / rejected", _models)):
+            plots.append((title, _plot(plots_dir / f"{name}.png", lambda ax, d=draw: d(ax, pairs))))
+    else:
+        md.append("No pairs yet.")
+    metrics_path = run / "train" / "metrics.jsonl"
+    md += ["", "## Training", ""]
+    if metrics_path.exists():
+        metrics = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+        last = metrics[-1] if metrics else {}
+        md.append(f"{len(metrics)} logged steps; last loss {last.get('loss', float('nan')):.4f}, "
+                  f"margin {last.get('rewards/margins', float('nan')):.4f}, "
+                  f"accuracy {last.get('rewards/accuracies', float('nan')):.2f}.")
+        plots.append(("Training loss and reward margin",
+                      _plot(plots_dir / "training.png", lambda ax: _training(ax, metrics))))
+    else:
+        md.append("Not trained yet (`synthalign train`).")
+    md += ["", "## Evaluation: base vs adapter", ""]
+    summary_path = run / "eval" / "summary.json"
+    if summary_path.exists():
+        summary = json.loads(summary_path.read_text())
+        md += _eval_table(summary)
+        if "base" in summary and "adapter" in summary:
+            plots.append(("Evaluation: base vs adapter (POPE accuracy higher is better, CHAIR lower)",
+                          _plot(plots_dir / "eval.png", lambda ax: _eval_bars(ax, summary))))
+    else:
+        md.append("Not evaluated yet (no `eval/summary.json`).")
+    md += ["", "## Plots", ""] + [f"### {t}\n\n![{t}](report/{p.name})\n" for t, p in plots]
+    md_path = run / "report.md"
+    md_path.write_text("\n".join(md) + "\n")
+    body = "".join(
+        f"<h3>{html.escape(t)}</h3><img alt='{html.escape(t)}' src='data:image/png;base64,"
+        f"{base64.b64encode(p.read_bytes()).decode()}'/>" for t, p in plots)
+    text = "\n".join(line for line in md if not line.startswith(("![", "### ", "## Plots")))
+    html_path = run / "report.html"
+    html_path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>SynthAlign report</title>"
+                         f"</head><body><pre>{html.escape(text)}</pre>{body}</body></html>\n")
+    return md_path, html_path

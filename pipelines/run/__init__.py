@@ -1,0 +1,1 @@
+"""`synthalign run`: generate, train, evaluate and report on one run folder."""

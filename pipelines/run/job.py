@@ -1,0 +1,33 @@
+"""`synthalign run`: generate, train, evaluate base vs adapter (when the config has `eval:`), then the report."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipelines.config import RunConfig
+from pipelines.evaluate.world import run_world_eval
+from pipelines.folder import RunFolder
+from pipelines.generate.job import run_generate
+from pipelines.report.report import write_report
+from pipelines.train.job import run_train
+
+
+def train_run(cfg: RunConfig, data: str | None = None) -> dict:
+    """Train on a run folder's pairs (or `data`), recording the recipe first so a later config is compared."""
+    RunFolder(cfg).claim_train()
+    return run_train(cfg.train, data or cfg.train.data or str(Path(cfg.output_dir) / "pairs"), cfg.output_dir)
+
+
+def run_all(cfg: RunConfig, prepared, log=print) -> dict:
+    """The whole job on the connected Ray cluster; `prepared` comes from `prepare(cfg, ..., train=True)`."""
+    manifest = run_generate(cfg, prepared=prepared)
+    c = manifest["counts"]
+    log(f"pairs: {c['pairs']} of {c['questions']} image-questions -> {cfg.output_dir}/pairs")
+    summary = train_run(cfg)
+    log(f"train: {summary['steps']} steps, final loss {summary['final_loss']} -> {summary['adapter']}")
+    evaluation = None
+    if cfg.eval:
+        evaluation = run_world_eval(cfg, log)
+        log(f"eval: {cfg.output_dir}/eval/summary.json")
+    md, html = write_report(cfg.output_dir)
+    log(f"report: {md} and {html}")
+    return {"generate": manifest, "train": summary, "eval": evaluation, "report": [str(md), str(html)]}

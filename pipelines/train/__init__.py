@@ -1,0 +1,1 @@
+"""`synthalign train`: DPO with LoRA on Ray Train (TRL DPOTrainer, PEFT, DeepSpeed)."""

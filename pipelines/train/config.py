@@ -1,0 +1,155 @@
+"""The training recipe (`train:` in a run config): DPO, LoRA, schedule, DeepSpeed, the worker group."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from actors.common.errors import Problem
+from cluster.resources import WorkersConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+REPORT_TO = ("tensorboard", "wandb", "mlflow", "none")
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+    def validate(self, name: str = "train.lora") -> list[Problem]:
+        errs = []
+        if self.r < 1:
+            errs.append(Problem(f"{name}.r", "must be >= 1"))
+        if self.alpha <= 0:
+            errs.append(Problem(f"{name}.alpha", "must be > 0"))
+        if not 0 <= self.dropout < 1:
+            errs.append(Problem(f"{name}.dropout", "must be in [0, 1)"))
+        if not self.target_modules:
+            errs.append(Problem(f"{name}.target_modules", "must name at least one module"))
+        if "lm_head" in self.target_modules:
+            errs.append(Problem(f"{name}.target_modules", "'lm_head' is not supported by TRL's DPOTrainer"))
+        return errs
+
+
+@dataclass
+class TrainConfig:
+    model: str = ""                   # base VLM: hub id or local path
+    data: str | None = None           # pairs Parquet folder; default {output_dir}/pairs
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    # > 0 adds the NLL of the chosen answers with this weight (RPO, Pang et al. 2024). DPO alone may lower the
+    # likelihood of chosen and rejected alike; on one-word answers the mass then drifts to junk tokens.
+    sft_weight: float = 0.0
+    learning_rate: float = 1e-5
+    lr_scheduler_type: str = "cosine"
+    warmup_ratio: float = 0.03
+    num_train_epochs: float = 2.0
+    max_steps: int = -1
+    per_device_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    deepspeed: str | None = None      # e.g. configs/deepspeed/zero2.json
+    bf16: bool = False
+    save_steps: int = 50
+    logging_steps: int = 1
+    num_to_keep: int = 2
+    max_failures: int = 0
+    merge_adapter: bool = False
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    seed: int = 0
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
+    # Rows whose prompt (image tokens included) plus the longer answer exceed this many tokens are dropped and
+    # counted, never truncated: truncation can cut image tokens. None keeps every row.
+    max_length: int | None = None
+    gradient_checkpointing: bool = True
+    optim: str = "adamw_torch"        # torch AdamW: DeepSpeed's fused/CPU Adam compile for minutes on first use
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+
+    def validate(self) -> list[Problem]:
+        errs = self.workers.validate("train.workers")
+        errs += self.lora.validate("train.lora")
+        if self.learning_rate <= 0:
+            errs.append(Problem("train.learning_rate", "must be > 0"))
+        if self.beta <= 0:
+            errs.append(Problem("train.beta", "must be > 0"))
+        if self.sft_weight < 0:
+            errs.append(Problem("train.sft_weight", "must be >= 0"))
+        if not 0 <= self.warmup_ratio < 1:
+            errs.append(Problem("train.warmup_ratio", "must be in [0, 1)"))
+        if self.max_steps == 0 or self.max_steps < -1:
+            errs.append(Problem("train.max_steps", "must be -1 (use num_train_epochs) or >= 1"))
+        if self.max_steps == -1 and self.num_train_epochs <= 0:
+            errs.append(Problem("train.num_train_epochs", "must be > 0 when max_steps is -1"))
+        for name in ("per_device_batch_size", "gradient_accumulation_steps", "save_steps", "logging_steps",
+                     "num_to_keep"):
+            if getattr(self, name) < 1:
+                errs.append(Problem(f"train.{name}", "must be >= 1"))
+        if self.max_failures < -1:
+            errs.append(Problem("train.max_failures", "must be >= -1 (-1 retries forever)"))
+        if self.max_length is not None and self.max_length < 1:
+            errs.append(Problem("train.max_length", "must be >= 1 or null"))
+        bad = [r for r in self.report_to if r not in REPORT_TO]
+        if bad:
+            errs.append(Problem("train.report_to", f"unknown {bad} (known: {', '.join(REPORT_TO)})"))
+        if self.deepspeed is not None:
+            try:
+                load_deepspeed_config(self.deepspeed)
+            except (OSError, ValueError) as e:
+                errs.append(Problem("train.deepspeed", f"{e}"))
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            errs.append(Problem("train.weight_decay", "weight_decay and max_grad_norm must be >= 0"))
+        return errs
+
+
+def resolve_deepspeed_path(path: str) -> Path:
+    """An absolute path, a path relative to the working directory, or one relative to the repository."""
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return p
+    return REPO_ROOT / p
+
+
+def load_deepspeed_config(path: str) -> dict:
+    """Read a DeepSpeed JSON; the dict (not the path) goes to the workers so other nodes need no file."""
+    p = resolve_deepspeed_path(path)
+    try:
+        data = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no DeepSpeed config at {p}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p} is not valid JSON: {e}") from None
+    if not isinstance(data, dict) or "zero_optimization" not in data:
+        raise ValueError(f"{p}: expected a DeepSpeed config with a 'zero_optimization' block")
+    return data
+
+
+
+
+def trl_loss_types() -> list[str]:
+    """The DPO loss types TRL documents on `DPOConfig.loss_type` (TRL keeps no other list of them)."""
+    import dataclasses
+    import re
+
+    from trl import DPOConfig
+    field_ = next(f for f in dataclasses.fields(DPOConfig) if f.name == "loss_type")
+    return re.findall(r"`'(\w+)'`", field_.metadata["help"])
+
+
+def check_with_libraries(cfg: TrainConfig) -> list[Problem]:
+    """What TRL and transformers accept, asked of them (importing them costs seconds: only jobs that train)."""
+    from transformers import SchedulerType
+    errs = []
+    known = trl_loss_types()
+    if cfg.loss_type not in known:
+        errs.append(Problem("train.loss_type", f"unknown {cfg.loss_type!r} (TRL knows {', '.join(known)})"))
+    schedulers = [s.value for s in SchedulerType]
+    if cfg.lr_scheduler_type not in schedulers:
+        errs.append(Problem("train.lr_scheduler_type", f"unknown {cfg.lr_scheduler_type!r} "
+                                                       f"(transformers knows {', '.join(schedulers)})"))
+    if not cfg.model:   # not in validate(): generate-only configs need no train.model
+        errs.append(Problem("train.model", "required (hub id or local path of the base VLM)"))
+    return errs

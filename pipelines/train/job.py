@@ -1,0 +1,117 @@
+"""DPO post-training on Ray Train (TRL DPOTrainer + PEFT LoRA + optional DeepSpeed).
+
+The driver side: `run_train` checks the recipe and starts a Ray Train `TorchTrainer`; what each worker runs is
+in `pipelines.train.worker`. Library code never calls `ray.init`: the CLI and tests connect first.
+
+Layout under `<output_dir>/train/`:
+    ray/dpo/      Ray Train run (checkpoints; a rerun on the same output_dir resumes from the latest one)
+    adapter/      PEFT adapter + processor          merged/   merged model (cfg.merge_adapter)
+    metrics.jsonl one line per logged step           tb/       TensorBoard events
+    summary.json  what `run_train` returns
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+from actors.common.errors import InputError, raise_first
+from actors.common.files import looks_local
+from pipelines.train.config import (
+    TrainConfig,
+    check_with_libraries,
+    load_deepspeed_config,
+)
+from pipelines.train.data import TRAIN_COLUMNS, parquet_files
+
+
+def train_paths(output_dir: str | Path) -> dict[str, Path]:
+    root = Path(output_dir) / "train"
+    return {"root": root, "ray": root / "ray", "run": root / "ray" / "dpo", "adapter": root / "adapter",
+            "merged": root / "merged", "metrics": root / "metrics.jsonl", "tb": root / "tb",
+            "summary": root / "summary.json"}
+
+
+def check_recipe(cfg: TrainConfig) -> TrainConfig:
+    """The recipe checked against the config rules and what TRL and transformers accept, with a local model
+    made absolute (Ray Train workers run in their own working directory). Raises InputError."""
+    raise_first(cfg.validate() + check_with_libraries(cfg))
+    if Path(cfg.model).expanduser().exists():
+        return dataclasses.replace(cfg, model=str(Path(cfg.model).expanduser().resolve()))
+    if looks_local(cfg.model):
+        raise InputError(f"model folder not found: {cfg.model}", field="train.model")
+    return cfg  # a hub id
+
+
+def run_train(cfg: TrainConfig, data_path: str | None, output_dir: str, resume: bool = True, *,
+              fail_at_step: int | None = None) -> dict:
+    """Train a LoRA adapter with DPO on Ray Train; returns a summary dict.
+
+    data_path: folder of pairs *.parquet (None: cfg.data, else `<output_dir>/pairs`).
+
+    resume=True continues the Ray Train run stored under `<output_dir>/train/ray/dpo` from its latest checkpoint;
+    resume=False deletes that run and the previous outputs first. `fail_at_step` is a test hook: every worker
+    raises right after the checkpoint of that step in an attempt that started before it (so a retry under
+    `max_failures` or a rerun goes past it).
+    """
+    import ray
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    from cluster.resources import scaling_config
+    from pipelines.train import worker as train_worker
+    cfg = check_recipe(cfg)
+    output_dir = str(Path(output_dir).resolve())
+    files = parquet_files(data_path or cfg.data or str(Path(output_dir) / "pairs"))
+    if not ray.is_initialized():
+        raise RuntimeError("run_train needs a Ray connection: call ray.init() first (the CLI does)")
+    paths = train_paths(output_dir)
+    if not resume:
+        for key in ("run", "adapter", "merged", "tb"):
+            shutil.rmtree(paths[key], ignore_errors=True)
+        for key in ("metrics", "summary"):
+            paths[key].unlink(missing_ok=True)
+    paths["root"].mkdir(parents=True, exist_ok=True)
+    paths["summary"].unlink(missing_ok=True)
+
+    # Materialized here, before the workers take their CPUs: Ray Data's budget excludes Train's reservation, so
+    # read tasks started from inside the workers can wait forever on a cluster the workers fill (2 CPUs, 2 workers).
+    ds = ray.data.read_parquet(files, columns=list(TRAIN_COLUMNS)).materialize()
+    loop_config = {
+        "cfg": cfg,
+        "deepspeed": load_deepspeed_config(cfg.deepspeed) if cfg.deepspeed else None,
+        "paths": {k: str(v) for k, v in paths.items()},
+        "fail_at_step": fail_at_step,
+    }
+    trainer = TorchTrainer(
+        train_worker.train_loop,
+        train_loop_config=loop_config,
+        scaling_config=scaling_config(cfg.workers),
+        run_config=RunConfig(
+            storage_path=str(paths["ray"].resolve()), name="dpo",
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep),
+            failure_config=FailureConfig(max_failures=cfg.max_failures)),
+        datasets={"train": ds},
+        # Every worker gets all rows; the HF Trainer's distributed sampler shards them by rank with a seeded,
+        # resumable order (a streaming split is not reproducible, so resume could not skip the seen batches).
+        dataset_config=DataConfig(datasets_to_split=[]),
+    )
+    result = trainer.fit()
+    if not paths["summary"].exists():
+        raise RuntimeError(f"training finished without writing {paths['summary']} (see the Ray worker logs)")
+    summary = json.loads(paths["summary"].read_text())
+    summary.update({
+        "output_dir": str(paths["root"]), "adapter": str(paths["adapter"]),
+        "merged": str(paths["merged"]) if cfg.merge_adapter else None,
+        "metrics": str(paths["metrics"]), "tensorboard": str(paths["tb"]) if "tensorboard" in cfg.report_to
+        else None, "checkpoint": result.checkpoint.path if result.checkpoint else None,
+    })
+    paths["summary"].write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def read_metrics(output_dir: str | Path) -> list[dict]:
+    """The per-step lines of `<output_dir>/train/metrics.jsonl`."""
+    p = train_paths(output_dir)["metrics"]
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.exists() else []

@@ -1,0 +1,215 @@
+"""What each Ray Train worker runs for `pipelines.train.job.run_train`: TRL DPOTrainer + PEFT LoRA (+ DeepSpeed).
+
+Checkpoints go to Ray Train through `RayTrainReportCallback`; a restarted worker group (FailureConfig) or a rerun
+on the same output_dir resumes from `ray.train.get_checkpoint()`. Rank 0 writes metrics.jsonl, the adapter,
+the merged model and summary.json straight into the output_dir, which must be on storage every node sees
+(as Ray Train's own storage_path under it must be).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from pipelines.train.data import hf_dataset, row_problem, trl_messages
+from pipelines.train.dpo import dpo_args, lora_config
+
+METRIC_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+               "learning_rate", "grad_norm", "epoch")
+
+
+def _disable_deepspeed_shm_comm() -> None:
+    """Keep DeepSpeed from JIT-compiling its shared-memory comm op (70-140 s) at every CPU distributed init.
+
+    `deepspeed.comm.torch.build_shm_op` only builds it when `deepspeed.ops.__compatible_ops__` marks it
+    compatible; that dict is computed lazily (probing every op with the compiler) and edits to it persist. The op
+    only speeds up AutoTP inference all-reduce on CPU; training collectives go through torch.distributed (gloo).
+    """
+    import deepspeed.ops
+    ops = vars(deepspeed.ops)
+    ops.setdefault("__compatible_ops__", {})["deepspeed_shm_comm"] = False
+
+
+def _setup_distributed_state(use_deepspeed: bool, use_cuda: bool) -> dict:
+    """Extra DPOConfig kwargs so accelerate sees the Ray-made process group (and DeepSpeed) correctly.
+
+    With `deepspeed` set, TrainingArguments ignores `ddp_backend` and accelerate ends up with one process; a
+    PartialState made first with DeepSpeed enabled in the environment, reused via `use_configured_state`, fixes it.
+    """
+    backend = "nccl" if use_cuda else "gloo"
+    if not use_deepspeed:
+        # On a machine without CUDA accelerate only treats the run as distributed (MULTI_CPU) with cpu=True;
+        # without it every rank trains alone (DistributedType.NO) and the adapters silently diverge.
+        return {"ddp_backend": backend} if use_cuda else {"ddp_backend": backend, "use_cpu": True}
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    if not use_cuda:
+        _disable_deepspeed_shm_comm()
+    from accelerate import PartialState
+    PartialState(backend=backend)
+    return {"accelerator_config": {"use_configured_state": True}}
+
+
+def _load_rows(cfg, processor) -> tuple[list[dict], dict]:
+    """All pairs rows from the Ray Data dataset, cleaned and sorted by pair_id; returns (rows, drop counts)."""
+    import ray.train
+
+    rows, dropped = [], {}
+    for batch in ray.train.get_dataset_shard("train").iter_batches(batch_format="pyarrow", batch_size=256):
+        rows.extend(batch.to_pylist())
+    rows.sort(key=lambda r: str(r.get("pair_id")))
+    kept = []
+    for row in rows:
+        problem = row_problem(row)
+        if problem is None and cfg.max_length is not None and _token_length(row, processor) > cfg.max_length:
+            problem = "longer than max_length"
+        if problem:
+            dropped[problem] = dropped.get(problem, 0) + 1
+            continue
+        kept.append({"images": [{"bytes": row["image"], "path": None}],
+                     **trl_messages(row["question"], row["chosen"], row["rejected"])})
+    return kept, dropped
+
+
+def _token_length(row: dict, processor) -> int:
+    """Tokens of prompt (image tokens expanded) + the longer answer, as DPOTrainer's collator builds them."""
+    from actors.common.runtime import open_png
+    msgs = trl_messages(row["question"], row["chosen"], row["rejected"])
+    prompt = processor.apply_chat_template(msgs["prompt"], add_generation_prompt=True, tokenize=False)
+    n_prompt = processor(images=[open_png(row["image"])], text=[prompt], add_special_tokens=False)["input_ids"]
+    answers = [processor.apply_chat_template(msgs["prompt"] + msgs[k], tokenize=False)[len(prompt):]
+               for k in ("chosen", "rejected")]
+    n_answer = max(len(processor.tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
+    return len(n_prompt[0]) + n_answer
+
+
+def _callbacks(paths: dict, start_step: int, fail_at_step: int | None):
+    from transformers import TrainerCallback
+
+    class MetricsJsonl(TrainerCallback):
+        """Rank 0 appends one JSON line per logged step; lines past the resumed step are dropped first."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if not state.is_world_process_zero:
+                return
+            p = Path(paths["metrics"])
+            keep = []
+            if p.exists() and start_step > 0:
+                keep = [ln for ln in p.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start_step]
+            p.write_text("".join(ln + "\n" for ln in keep))
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs or "loss" not in logs:
+                return
+            line = {"step": state.global_step, **{k: float(logs[k]) for k in METRIC_KEYS if k in logs}}
+            with open(paths["metrics"], "a") as f:
+                f.write(json.dumps(line) + "\n")
+
+    class FailAfterCheckpoint(TrainerCallback):
+        """Test hook: raise after the checkpoint of `fail_at_step` was reported, once per starting point."""
+
+        def on_save(self, args, state, control, **kwargs):
+            if fail_at_step is not None and state.global_step == fail_at_step and start_step < fail_at_step:
+                raise RuntimeError(f"injected failure after the checkpoint of step {fail_at_step}")
+
+    from ray.train.huggingface.transformers import RayTrainReportCallback
+    # Order matters: the checkpoint is reported before the injected failure.
+    return [MetricsJsonl(), RayTrainReportCallback(), FailAfterCheckpoint()]
+
+
+def _checkpoint_step(ckpt_dir: str) -> int:
+    state = Path(ckpt_dir) / "trainer_state.json"
+    return json.loads(state.read_text())["global_step"] if state.exists() else 0
+
+
+def train_loop(config: dict) -> None:
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    import ray.train
+    import torch
+
+    cfg, paths, ds_config = config["cfg"], config["paths"], config["deepspeed"]
+    torch.set_num_threads(cfg.workers.threads)
+    use_cuda = torch.cuda.is_available() and cfg.workers.use_gpu
+    extra = _setup_distributed_state(ds_config is not None, use_cuda)
+    if "tensorboard" in cfg.report_to:
+        os.environ["TENSORBOARD_LOGGING_DIR"] = paths["tb"]
+
+    from ray.train.huggingface.transformers import RayTrainReportCallback
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from trl import DPOTrainer
+
+
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    processor = AutoProcessor.from_pretrained(cfg.model)
+    rows, dropped = _load_rows(cfg, processor)
+    if not rows:
+        raise ValueError(f"no trainable pairs rows (dropped: {dropped})")
+    train_ds = hf_dataset(rows)
+
+    work_dir = tempfile.mkdtemp(prefix=f"dpo-rank{rank}-")   # HF checkpoints before Ray copies them to storage
+    try:
+        args = dpo_args(cfg, work_dir, ds_config, **extra)
+        dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+        model = AutoModelForImageTextToText.from_pretrained(cfg.model, dtype=dtype)
+        peft_config = lora_config(cfg)
+
+        ckpt = ray.train.get_checkpoint()
+        with (ckpt.as_directory() if ckpt else contextlib.nullcontext()) as ckpt_root:
+            resume_from = str(Path(ckpt_root) / RayTrainReportCallback.CHECKPOINT_NAME) if ckpt_root else None
+            start_step = _checkpoint_step(resume_from) if resume_from else 0
+            trainer = DPOTrainer(model=model, args=args, train_dataset=train_ds, processing_class=processor,
+                                 peft_config=peft_config,
+                                 callbacks=_callbacks(paths, start_step, config.get("fail_at_step")))
+            trainer.train(resume_from_checkpoint=resume_from)
+
+        # Every rank takes part (ZeRO-3 gathers the adapter; the checksums are a collective); rank 0 writes.
+        trainer.save_model(paths["adapter"])
+        checksums = _replica_checksums(trainer, ds_config)
+        if trainer.is_world_process_zero():
+            processor.save_pretrained(paths["adapter"])
+            trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+            if cfg.merge_adapter:
+                _merge(cfg, paths, dtype)
+            losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+            Path(paths["summary"]).write_text(json.dumps({
+                "steps": trainer.state.global_step, "final_loss": losses[-1] if losses else None,
+                "resumed_from_step": start_step, "rows_used": len(rows), "rows_dropped": sum(dropped.values()),
+                "rows_dropped_by_reason": dropped, "world_size": ctx.get_world_size(),
+                "deepspeed_stage": (ds_config or {}).get("zero_optimization", {}).get("stage"),
+                "trainable_tensors": len(trainable), "trainable_params": sum(
+                    getattr(p, "ds_numel", p.numel()) for p in trainer.model.parameters() if p.requires_grad),
+                "trainable_names_all_lora": all("lora_" in n for n in trainable),
+                "distributed_type": str(trainer.accelerator.distributed_type).split(".")[-1],
+                "num_processes": trainer.accelerator.num_processes, "replica_checksums": checksums,
+            }, indent=2))
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def _replica_checksums(trainer, ds_config) -> list[float] | None:
+    """Sum of the trainable weights on every rank: data-parallel replicas must agree (None under ZeRO-3)."""
+    import torch.distributed as dist
+    if (ds_config or {}).get("zero_optimization", {}).get("stage") == 3:
+        return None
+    local = sum(float(p.detach().double().sum()) for p in trainer.model.parameters() if p.requires_grad)
+    if not (dist.is_available() and dist.is_initialized()):
+        return [local]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, local)
+    return out
+
+
+def _merge(cfg, paths: dict, dtype) -> None:
+    """Reload the base model, apply the saved adapter, merge and save (works whatever ZeRO stage trained it)."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+    # Under ZeRO-3 from_pretrained would partition the weights with a collective only this rank joins (hang).
+    unset_hf_deepspeed_config()
+    base = AutoModelForImageTextToText.from_pretrained(cfg.model, dtype=dtype)
+    merged = PeftModel.from_pretrained(base, paths["adapter"]).merge_and_unload()
+    merged.save_pretrained(paths["merged"])
+    AutoProcessor.from_pretrained(paths["adapter"]).save_pretrained(paths["merged"])

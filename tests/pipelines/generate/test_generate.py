@@ -1,0 +1,195 @@
+"""`generate` end to end on a real local Ray with the tiny models."""
+from __future__ import annotations
+
+import io
+import json
+
+import pyarrow.dataset as pads
+import pytest
+from conftest import METRICS_PORT, tiny_config
+from PIL import Image
+
+from actors.contract import PAIR_COLUMNS
+
+N_PROMPTS, N_INSTR = 6, 2
+
+
+def read(path, columns=None):
+    return pads.dataset(str(path), format="parquet").to_table(columns=columns)
+
+
+@pytest.fixture(scope="module")
+def run(tiny_models, ray_local, tmp_path_factory):
+    from pipelines.generate.job import run_generate
+    out = tmp_path_factory.mktemp("gen") / "run"
+    cfg = tiny_config(tiny_models, out, **{"prompts.num_prompts": N_PROMPTS,
+                                            "prompts.instructions_per_prompt": N_INSTR})
+    return cfg, run_generate(cfg)
+
+
+def test_row_counts_and_manifest(run):
+    cfg, manifest = run
+    c = manifest["counts"]
+    assert c["prompts"] == N_PROMPTS
+    assert c["questions"] == N_PROMPTS * N_INSTR
+    assert c["answers"] == c["questions"] * 3  # sampler a: n=2, sampler b: n=1
+    assert c["images_rendered"] == N_PROMPTS * 4
+    assert c["errors"] == 0 and c["duplicates_skipped"] == 0
+    assert c["pairs"] + sum(c["dropped"].values()) == c["questions"]
+    assert c["pairs"] > 0
+    pairs = read(f"{cfg.output_dir}/pairs")
+    assert pairs.num_rows == c["pairs"]
+    assert len(set(pairs.column("pair_id").to_pylist())) == pairs.num_rows
+    cands = read(f"{cfg.output_dir}/candidates")
+    assert cands.num_rows == c["answers"]
+    on_disk = json.loads(open(f"{cfg.output_dir}/manifest.json").read())
+    assert on_disk["config_hash"] == cfg.hash() and on_disk["versions"]["ray"] == "2.60.0"
+    assert on_disk["status"] == "complete"
+
+
+def test_pairs_columns_images_and_margins(run):
+    cfg, _ = run
+    pairs = read(f"{cfg.output_dir}/pairs").to_pylist()
+    assert set(PAIR_COLUMNS) <= set(pairs[0])
+    for p in pairs:
+        img = Image.open(io.BytesIO(p["image"]))
+        assert img.format == "PNG" and img.size == (64, 64)
+        assert p["chosen_reward"] - p["rejected_reward"] >= cfg.pairs.min_margin
+        assert p["margin"] == pytest.approx(p["chosen_reward"] - p["rejected_reward"])
+        assert p["chosen"] != p["rejected"] and p["chosen"].strip() and p["rejected"].strip()
+        assert p["chosen_model"] in ("tiny-llava-a", "tiny-llava-b")
+        assert p["guidance_scale"] in cfg.images.guidance_scales
+        # the kept image is the best-scored candidate, and its seed/scale are recorded
+        best = max(range(4), key=lambda k: p["candidate_scores"][k])
+        assert p["image_score"] == pytest.approx(p["candidate_scores"][best])
+        assert p["seed"] == p["candidate_seeds"][best]
+        assert set(p["gt_objects"]) and all(o in p["image_prompt"] or o.split()[0] in p["image_prompt"]
+                                            for o in p["gt_objects"])
+
+
+def test_candidates_carry_every_reward_term(run):
+    cfg, _ = run
+    cands = read(f"{cfg.output_dir}/candidates").to_pylist()
+    for col in ("reward_text", "reward_clip", "reward_hallucination", "reward", "model", "answer", "role"):
+        assert col in cands[0]
+    pairs = {p["pair_id"]: p for p in read(f"{cfg.output_dir}/pairs").to_pylist()}
+    for c in cands:
+        assert c["reward_hallucination"] == -len(c["hallucinated"])
+        if c["pair_key"] in pairs and c["role"] == "chosen":
+            assert c["answer"] == pairs[c["pair_key"]]["chosen"]
+
+
+def test_loads_with_datasets_and_converts_for_trl(run):
+    import datasets
+    cfg, manifest = run
+    ds = datasets.load_dataset("parquet", data_files=f"{cfg.output_dir}/pairs/*.parquet", split="train")
+    assert len(ds) == manifest["counts"]["pairs"]
+    assert ds[0]["image"][:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rerun_per_stage_pools_gives_identical_bytes(run, tiny_models, tmp_path):
+    """tiny.yaml fuses the stages into one actor; a pool per stage and other batching give the same bytes."""
+    from pipelines.generate.job import run_generate
+    cfg, _ = run
+    assert cfg.fuse
+    again = tiny_config(tiny_models, tmp_path / "again", **{
+        "prompts.num_prompts": N_PROMPTS, "prompts.instructions_per_prompt": N_INSTR,
+        "fuse": "false", "pools.images.batch_size": 3})
+    run_generate(again)
+    a = {r["pair_key"]: r for r in read(f"{cfg.output_dir}/scored").to_pylist()}
+    b = {r["pair_key"]: r for r in read(f"{again.output_dir}/scored").to_pylist()}
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k]["image"] == b[k]["image"]
+        assert a[k]["answers"] == b[k]["answers"]
+
+
+def test_other_config_in_same_output_dir_is_refused(run):
+    from actors.common.errors import InputError
+    from pipelines.generate.job import run_generate
+    cfg, _ = run
+    cfg2 = tiny_config({k: v for k, v in _tiny_from(cfg).items()}, cfg.output_dir,
+                       **{"prompts.num_prompts": N_PROMPTS + 1})
+    before = sorted(p.name for p in __import__("pathlib").Path(cfg.output_dir, "pairs").iterdir())
+    with pytest.raises(InputError, match="another config"):
+        run_generate(cfg2)
+    after = sorted(p.name for p in __import__("pathlib").Path(cfg.output_dir, "pairs").iterdir())
+    assert before == after
+
+
+def _tiny_from(cfg):
+    from pathlib import Path
+    return {"sd": Path(cfg.images.model), "clip": Path(cfg.selection.model),
+            "reward": Path(cfg.rewards.text_model), "llava": Path(cfg.samplers[0].model),
+            "llava-b": Path(cfg.samplers[1].model)}
+
+
+def test_jsonl_prompts_source(tiny_models, ray_local, tmp_path):
+    from pipelines.generate.job import run_generate
+    f = tmp_path / "prompts.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in [
+        {"prompt_id": "cat-1", "image_prompt": "a photo of a cat on a couch",
+         "instructions": ["Describe the image.", "What animal is this?"]},
+        {"prompt_id": "dog-1", "image_prompt": "two dogs in a park", "instruction": "How many dogs?",
+         "gt_objects": ["dog"]},
+    ]) + "\n")
+    cfg = tiny_config(tiny_models, tmp_path / "run", **{"prompts.source": "file", "prompts.file": str(f)})
+    m = run_generate(cfg)
+    assert m["counts"]["prompts"] == 2 and m["counts"]["questions"] == 3
+    scored = read(tmp_path / "run" / "scored", ["pair_key", "gt_objects", "question"]).to_pylist()
+    keys = {r["pair_key"]: r for r in scored}
+    assert set(keys) == {"cat-1-q0", "cat-1-q1", "dog-1-q0"}
+    # gt_objects from the prompt text (COCO synonyms) when the file does not give them
+    assert set(keys["cat-1-q0"]["gt_objects"]) == {"cat", "couch"}
+    assert keys["dog-1-q0"]["question"] == "How many dogs?"
+
+
+def test_text_prompts_with_instruction_file(tiny_models, ray_local, tmp_path):
+    from pipelines.generate.job import run_generate
+    (tmp_path / "p.txt").write_text("a red bus on a street\n\na bowl of apples on a table\n")
+    (tmp_path / "i.txt").write_text("What color is the bus?\nHow many apples are there?\n")
+    cfg = tiny_config(tiny_models, tmp_path / "run", **{
+        "prompts.source": "file", "prompts.file": str(tmp_path / "p.txt"),
+        "prompts.instructions_file": str(tmp_path / "i.txt")})
+    m = run_generate(cfg)
+    assert m["counts"]["questions"] == 2
+    rows = {r["prompt_id"]: r for r in read(tmp_path / "run" / "scored",
+                                            ["prompt_id", "question", "gt_objects"]).to_pylist()}
+    assert rows["p-0000001"]["question"] == "What color is the bus?"
+    assert rows["p-0000003"]["question"] == "How many apples are there?"
+    assert set(rows["p-0000003"]["gt_objects"]) == {"bowl", "apple", "dining table"} or \
+        {"bowl", "apple"} <= set(rows["p-0000003"]["gt_objects"])
+
+
+def test_export_llava_json(run, tmp_path):
+    from pipelines.report.export import export_llava_json
+    cfg, manifest = run
+    path = export_llava_json(cfg.output_dir, tmp_path / "llava")
+    records = json.loads(path.read_text())
+    assert len(records) == manifest["counts"]["pairs"]
+    r = records[0]
+    assert set(r) == {"id", "image", "conversations", "rejected_conversations"}
+    assert r["conversations"][0]["value"].startswith("<image>\n")
+    assert r["conversations"][0] == r["rejected_conversations"][0]
+    assert r["conversations"][1]["value"] != r["rejected_conversations"][1]["value"]
+    assert Image.open(tmp_path / "llava" / r["image"]).size == (64, 64)
+
+
+def test_stage_metrics_reach_the_metrics_endpoint(run):
+    import re
+    import time
+    import urllib.request
+    cfg, manifest = run
+    want = {"images": N_PROMPTS, "selection": N_PROMPTS, "rewards": N_PROMPTS * N_INSTR,
+            "sampling:tiny-llava-a": N_PROMPTS * N_INSTR, "pairs": N_PROMPTS * N_INSTR}
+    deadline, got = time.time() + 60, {}
+    while time.time() < deadline:  # metrics are exported every few seconds
+        text = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).read().decode()
+        got = {}
+        for m in re.finditer(r'^ray_synthalign_stage_rows_total\{[^}]*stage="([^"]+)"[^}]*\} ([0-9.]+)', text, re.M):
+            got[m.group(1)] = got.get(m.group(1), 0) + float(m.group(2))
+        if all(got.get(k, 0) >= v for k, v in want.items()):
+            break
+        time.sleep(3)
+    assert all(got.get(k, 0) >= v for k, v in want.items()), got
+    assert "ray_synthalign_pairs_total" in text and "ray_synthalign_margin_bucket" in text

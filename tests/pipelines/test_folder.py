@@ -1,0 +1,61 @@
+"""The run folder's one owner: stale parts are named, cleared only with --overwrite, unchanged parts resume."""
+from __future__ import annotations
+
+import pytest
+from conftest import ROOT
+
+from actors.common.errors import InputError
+from pipelines.config import load_config
+from pipelines.folder import RunFolder
+
+
+def cfg(tmp_path, *sets):
+    return load_config(ROOT / "configs" / "tiny.yaml", [f"output_dir={tmp_path / 'run'}", *sets])
+
+
+def fake_run(c):
+    """A folder as a finished run of config `c` leaves it: data, a training run with its recipe, an evaluation."""
+    folder = RunFolder(c)
+    folder.prepare(train=True)
+    folder.write_manifest({"status": "complete"})
+    for part in ("scored", "pairs", "train/ray/dpo", "eval"):
+        (folder.path / part).mkdir(parents=True, exist_ok=True)
+        (folder.path / part / "x").write_text("old")
+    folder.claim_train()
+    return folder.path
+
+
+def test_unchanged_config_resumes_everything(tmp_path):
+    run = fake_run(cfg(tmp_path))
+    RunFolder(cfg(tmp_path, "pools.images.size=1", "train.save_steps=2")).prepare(train=True)
+    assert all((run / p / "x").exists() for p in ("scored", "pairs", "train/ray/dpo", "eval"))
+
+
+def test_changed_recipe_is_an_error_naming_the_keys(tmp_path):
+    run = fake_run(cfg(tmp_path))
+    new = cfg(tmp_path, "train.beta=0.3", "train.lora.r=4")
+    with pytest.raises(InputError, match=r"training run of another recipe \(changed: train.beta, train.lora.r\)"):
+        RunFolder(new).prepare(train=True)
+    RunFolder(new).prepare()                    # generate alone does not care about the recipe
+    assert (run / "train/ray/dpo/x").exists()
+    RunFolder(new).prepare(overwrite=True, train=True)
+    assert not (run / "train").exists() and not (run / "eval").exists()   # stale: the old checkpoints too
+    assert (run / "scored/x").exists() and (run / "pairs/x").exists()    # the data still belongs to it
+
+
+def test_changed_data_config_clears_data_and_training_with_overwrite_only(tmp_path):
+    run = fake_run(cfg(tmp_path))
+    new = cfg(tmp_path, "images.steps=3")
+    with pytest.raises(InputError, match=r"generated data of another config \(changed: images.steps\)"):
+        RunFolder(new).prepare()
+    assert (run / "scored/x").exists()
+    RunFolder(new).prepare(overwrite=True)
+    assert not any((run / p).exists() for p in ("scored", "pairs", "train", "eval", "manifest.json"))
+
+
+def test_training_without_a_recorded_recipe_is_not_resumed_blindly(tmp_path):
+    c = cfg(tmp_path)
+    run = fake_run(c)
+    (run / "train" / "recipe.json").unlink()
+    with pytest.raises(InputError, match="unrecorded training recipe"):
+        RunFolder(c).prepare(train=True)
