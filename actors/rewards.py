@@ -97,7 +97,15 @@ class TextReward:
         chats = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}]
                  for q, a in zip(questions, answers)]
         texts = [self.tok.apply_chat_template(c, tokenize=False) for c in chats]
-        enc = self.tok(texts, return_tensors="pt", padding=True, truncation=True,
+        # Reward models pool the last token before the first pad (ArmoRM: by pad_token_id). Without a pad token
+        # of its own a padded batch would pool the wrong token, so such a tokenizer scores one text per call.
+        own_pad = self.tok.pad_token_id is not None and self.tok.pad_token_id != self.tok.eos_token_id
+        if not own_pad:
+            return [s for t in texts for s in self._scores([t])]
+        return self._scores(texts)
+
+    def _scores(self, texts: list[str]) -> list[float]:
+        enc = self.tok(texts, return_tensors="pt", padding=len(texts) > 1, truncation=True,
                        max_length=self.cfg.max_length, add_special_tokens=False).to(self.device)
         with self.torch.inference_mode():
             out = self.model(**enc)

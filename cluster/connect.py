@@ -30,6 +30,16 @@ def local_system_config(num_cpus: int | None) -> dict:
     return {"num_workers_soft_limit": 2 * (num_cpus or os.cpu_count() or 1) + 8}
 
 
+# Credentials every worker needs and a remote node does not have: gated models (SD3-Medium) load with HF_TOKEN.
+FORWARDED_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+
+
+def worker_env() -> dict:
+    """The driver's credentials for the job's runtime_env, so every worker on every node has them. Never
+    printed; note that Ray's dashboard shows a job's runtime_env to whoever can open the job."""
+    return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+
+
 def _port_or_free(port: int) -> int:
     with socket.socket() as s:
         try:
@@ -50,7 +60,8 @@ def connect(address: str | None = None, num_cpus: int | None = None, dashboard: 
     if ray.is_initialized():
         return "already connected"
     if address:
-        ray.init(address=address, log_to_driver=log_to_driver)
+        env = worker_env()
+        ray.init(address=address, log_to_driver=log_to_driver, runtime_env={"env_vars": env} if env else None)
         return address
     # Ray Train's placement-group cleaner asks the State API whether our run is alive; left to find a dashboard
     # by itself it can ask another local cluster's, hear "not found" and kill our training workers (seen when a
@@ -60,5 +71,5 @@ def connect(address: str | None = None, num_cpus: int | None = None, dashboard: 
     # address="local": a fresh cluster, never one that happens to run on this machine already.
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
              dashboard_port=port, log_to_driver=log_to_driver, _system_config=local_system_config(num_cpus),
-             runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": api}})
+             runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": api, **worker_env()}})
     return "local"

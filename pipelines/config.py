@@ -25,7 +25,7 @@ from pipelines.typed import ConfigTypeError, from_dict, set_dotted
 
 POOL_STAGES = tuple(s.pool for s in STAGES)
 # What neither generation nor training depends on: where output goes, how it is scheduled, test hooks.
-RUN_KEYS = ("output_dir", "tiny_models", "pools", "fuse", "train", "min_rows_per_file", "rows_per_shard",
+RUN_KEYS = ("output_dir", "tiny_models", "tiny_recipe", "pools", "fuse", "train", "min_rows_per_file", "rows_per_shard",
             "max_error_fraction", "faults", "eval")
 # Training keys that change how a run is watched or scheduled, not what it learns.
 TRAIN_RUN_KEYS = ("save_steps", "logging_steps", "num_to_keep", "max_failures", "merge_adapter", "report_to",
@@ -36,6 +36,9 @@ TRAIN_RUN_KEYS = ("save_steps", "logging_steps", "num_to_keep", "max_failures", 
 class RunConfig:
     output_dir: str
     tiny_models: str | None = None     # build the tiny random-weight models here when missing
+    # Which: "tiny" (the CPU demo's), "paper" (twins of paper.yaml's models), "shapes" (the shapes-world LLaVA);
+    # default: shapes when images.backend is shapes, else tiny.
+    tiny_recipe: str | None = None
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     images: ImagesConfig = field(default_factory=ImagesConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
@@ -97,6 +100,8 @@ class RunConfig:
             elif ":" in name and name.split(":", 1)[1] not in labels:
                 errs.append(Problem(f"pools.{name}", f"no sampler is named '{name.split(':', 1)[1]}'"))
             errs += pool.validate(f"pools.{name}")
+        if self.tiny_recipe not in (None, "tiny", "paper", "shapes"):
+            errs.append(Problem("tiny_recipe", "must be 'tiny', 'paper' or 'shapes'"))
         if self.min_rows_per_file < 1:
             errs.append(Problem("min_rows_per_file", "must be >= 1"))
         if self.rows_per_shard < 1:
@@ -128,9 +133,10 @@ def parse_override(text: str) -> tuple[str, object]:
 
 
 def _merge(base: dict, top: dict) -> dict:
+    """Deep merge; an empty mapping replaces (`resources: {}` in a child config means none)."""
     out = dict(base)
     for k, v in top.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and v and isinstance(out.get(k), dict) else v
     return out
 
 

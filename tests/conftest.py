@@ -36,6 +36,13 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     return make_tiny(tmp_path_factory.mktemp("tiny"))
 
 
+@pytest.fixture(scope="session")
+def twin_models(tmp_path_factory) -> dict[str, Path]:
+    """Random-weight twins of configs/paper.yaml's models (SD3, LLaVA-NeXT, ArmoRM-style reward, LLaVA-1.5)."""
+    from pipelines.models.twins import make_twins
+    return make_twins(tmp_path_factory.mktemp("twins"))
+
+
 def free_port() -> int:
     import socket
     with socket.socket() as s:

@@ -28,12 +28,8 @@ def _ray(args) -> None:
 
 
 def cmd_make_tiny(args) -> int:
-    if args.world == "shapes":   # a small LLaVA pretrained to see the shapes world (pipelines/pretrain.py)
-        from pipelines.models.pretrain import make_shapes_base
-        print(f"llava: {make_shapes_base(args.out, seed=args.seed)}")
-        return 0
-    from pipelines.models.tiny import make_tiny
-    for name, path in make_tiny(args.out, seed=args.seed).items():
+    from pipelines.models import build_recipe
+    for name, path in build_recipe(args.recipe or args.world, args.out, seed=args.seed).items():
         print(f"{name}: {path}")
     return 0
 
@@ -94,10 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="cmd", required=True)
 
-    p = sub.add_parser("make-tiny", help="build the tiny random-weight models (or the pretrained shapes LLaVA)")
+    p = sub.add_parser("make-tiny", help="build tiny random-weight models: the demo's, twins of the paper's, or "
+                                         "the pretrained shapes LLaVA")
     p.add_argument("--out", default=".synthalign/tiny")
-    p.add_argument("--world", choices=["coco", "shapes"], default="coco",
-                   help="shapes: a small LLaVA briefly pretrained on the shapes world (a few minutes on CPU)")
+    p.add_argument("--recipe", choices=["tiny", "paper", "shapes"],
+                   help="tiny: the CPU demo's models; paper: random-weight twins of configs/paper.yaml's models "
+                        "(SD3, LLaVA-NeXT, ArmoRM-style reward, LLaVA-1.5); shapes: a small LLaVA pretrained on the "
+                        "shapes world (a few minutes on CPU)")
+    p.add_argument("--world", choices=["tiny", "shapes"], default="tiny", help="older spelling of --recipe")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_make_tiny)
 

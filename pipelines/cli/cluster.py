@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from actors.common.errors import InputError
+from cluster.connect import worker_env
 
 JOBS = ("generate", "run", "train")
 
@@ -81,7 +82,12 @@ def cmd_submit(args) -> int:
         entry += ["--set", s]
     if args.overwrite:
         entry.append("--overwrite")
-    job_id = jobs.submit(args.address, entry, working_dir=root, env_vars=_parse_env(args.env),
+    env = _parse_env(args.env)
+    forwarded = {k: v for k, v in worker_env().items() if k not in env}
+    if forwarded:  # the job's driver runs on the head, which has no copy of the submitter's credentials
+        print(f"synthalign: note: passing {', '.join(forwarded)} from this shell to the job (value not shown)",
+              file=sys.stderr)
+    job_id = jobs.submit(args.address, entry, working_dir=root, env_vars={**env, **forwarded},
                          pip=args.pip or None, submission_id=args.submission_id)
     print(f"submitted {job_id}: {jobs.entrypoint_for(entry)}")
     print(f"dashboard: {jobs.dashboard_url(args.address, job_id)}")

@@ -54,12 +54,9 @@ def check_models(cfg: RunConfig) -> None:
 def prepare(cfg: RunConfig, overwrite: bool = False, train: bool = False):
     """Everything that can fail on bad input, done before Ray starts: models, prompts, the run folder
     (`train`: the training recipe too). With overwrite, the folder's stale parts are cleared last."""
-    from pipelines.models.tiny import make_tiny
-    if cfg.tiny_models and cfg.images.backend == "shapes":   # the world's base model, pretrained to see it
-        from pipelines.models.pretrain import make_shapes_base
-        make_shapes_base(cfg.tiny_models)
-    elif cfg.tiny_models:
-        make_tiny(cfg.tiny_models)
+    if cfg.tiny_models:
+        from pipelines.models import build_recipe
+        build_recipe(cfg.tiny_recipe or ("shapes" if cfg.images.backend == "shapes" else "tiny"), cfg.tiny_models)
     check_models(cfg)
     if train:
         from pipelines.train.job import check_recipe

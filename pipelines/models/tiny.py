@@ -182,12 +182,11 @@ TINY_MODELS = {
 }
 
 
-def make_tiny(out_dir: str | Path, seed: int = 0, names: list[str] | None = None) -> dict[str, Path]:
-    """Build (or reuse) the tiny models under out_dir; returns name -> folder."""
+def build_models(out_dir: str | Path, builders: dict, seed: int = 0) -> dict[str, Path]:
+    """Build (or reuse) each named model under out_dir; `builders` maps name -> (builder, seed offset)."""
     out_dir = Path(out_dir)
     paths = {}
-    for name in names or list(TINY_MODELS):
-        builder, offset = TINY_MODELS[name]
+    for name, (builder, offset) in builders.items():
         spec = hashlib.sha256(json.dumps([SPEC_VERSION, name, seed]).encode()).hexdigest()[:16]
         folder = out_dir / name
         marker = folder / ".complete"
@@ -197,3 +196,8 @@ def make_tiny(out_dir: str | Path, seed: int = 0, names: list[str] | None = None
                 (tmp / ".complete").write_text(spec)
         paths[name] = folder
     return paths
+
+
+def make_tiny(out_dir: str | Path, seed: int = 0, names: list[str] | None = None) -> dict[str, Path]:
+    """Build (or reuse) the tiny models under out_dir; returns name -> folder."""
+    return build_models(out_dir, {n: TINY_MODELS[n] for n in names or TINY_MODELS}, seed)

@@ -18,6 +18,9 @@ class LoraConfig:
     alpha: int = 16
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    # Where target_modules apply: "language_model" (as LLaVA's DPO code: the vision tower stays frozen; PEFT
+    # alone matches name suffixes, and the CLIP tower has q_proj/k_proj/v_proj too) or "all".
+    scope: str = "language_model"
 
     def validate(self, name: str = "train.lora") -> list[Problem]:
         errs = []
@@ -31,6 +34,8 @@ class LoraConfig:
             errs.append(Problem(f"{name}.target_modules", "must name at least one module"))
         if "lm_head" in self.target_modules:
             errs.append(Problem(f"{name}.target_modules", "'lm_head' is not supported by TRL's DPOTrainer"))
+        if self.scope not in ("language_model", "all"):
+            errs.append(Problem(f"{name}.scope", "must be 'language_model' or 'all'"))
         return errs
 
 
@@ -51,6 +56,12 @@ class TrainConfig:
     max_steps: int = -1
     per_device_batch_size: int = 1
     gradient_accumulation_steps: int = 1
+    # The recipe's global batch (pairs per optimizer step), kept whatever the worker count: accumulation is
+    # global / (per_device_batch_size x workers). None: per_device x accumulation x workers.
+    global_batch_size: int | None = None
+    # Train the vision-language projector (fully, beside the LoRA) at this learning rate, as LLaVA's DPO code
+    # does with mm_projector_lr; None keeps it frozen.
+    projector_lr: float | None = None
     deepspeed: str | None = None      # e.g. configs/deepspeed/zero2.json
     bf16: bool = False
     save_steps: int = 50
@@ -69,8 +80,19 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
 
+    def accumulation_steps(self, world_size: int) -> int:
+        if self.global_batch_size is None:
+            return self.gradient_accumulation_steps
+        return max(1, self.global_batch_size // (self.per_device_batch_size * world_size))
+
     def validate(self) -> list[Problem]:
         errs = self.workers.validate("train.workers")
+        per_step = self.per_device_batch_size * self.workers.num_workers
+        if self.global_batch_size is not None and (self.global_batch_size < 1 or self.global_batch_size % per_step):
+            errs.append(Problem("train.global_batch_size", f"must be a multiple of per_device_batch_size x "
+                                f"workers.num_workers = {per_step}, got {self.global_batch_size}"))
+        if self.projector_lr is not None and self.projector_lr <= 0:
+            errs.append(Problem("train.projector_lr", "must be > 0 or null"))
         errs += self.lora.validate("train.lora")
         if self.learning_rate <= 0:
             errs.append(Problem("train.learning_rate", "must be > 0"))

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from pipelines.train.data import hf_dataset, row_problem, trl_messages
-from pipelines.train.dpo import dpo_args, lora_config
+from pipelines.train.dpo import PROJECTOR, dpo_args, lora_config, trainer_class
 
 METRIC_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                "learning_rate", "grad_norm", "epoch")
@@ -138,8 +138,6 @@ def train_loop(config: dict) -> None:
 
     from ray.train.huggingface.transformers import RayTrainReportCallback
     from transformers import AutoModelForImageTextToText, AutoProcessor
-    from trl import DPOTrainer
-
 
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
@@ -151,7 +149,7 @@ def train_loop(config: dict) -> None:
 
     work_dir = tempfile.mkdtemp(prefix=f"dpo-rank{rank}-")   # HF checkpoints before Ray copies them to storage
     try:
-        args = dpo_args(cfg, work_dir, ds_config, **extra)
+        args = dpo_args(cfg, work_dir, ds_config, world_size=ctx.get_world_size(), **extra)
         dtype = torch.bfloat16 if cfg.bf16 else torch.float32
         model = AutoModelForImageTextToText.from_pretrained(cfg.model, dtype=dtype)
         peft_config = lora_config(cfg)
@@ -160,7 +158,7 @@ def train_loop(config: dict) -> None:
         with (ckpt.as_directory() if ckpt else contextlib.nullcontext()) as ckpt_root:
             resume_from = str(Path(ckpt_root) / RayTrainReportCallback.CHECKPOINT_NAME) if ckpt_root else None
             start_step = _checkpoint_step(resume_from) if resume_from else 0
-            trainer = DPOTrainer(model=model, args=args, train_dataset=train_ds, processing_class=processor,
+            trainer = trainer_class(cfg)(model=model, args=args, train_dataset=train_ds, processing_class=processor,
                                  peft_config=peft_config,
                                  callbacks=_callbacks(paths, start_step, config.get("fail_at_step")))
             trainer.train(resume_from_checkpoint=resume_from)
@@ -182,6 +180,10 @@ def train_loop(config: dict) -> None:
                 "trainable_tensors": len(trainable), "trainable_params": sum(
                     getattr(p, "ds_numel", p.numel()) for p in trainer.model.parameters() if p.requires_grad),
                 "trainable_names_all_lora": all("lora_" in n for n in trainable),
+                "trainable_outside_lora": sorted({n.split(".modules_to_save")[0] for n in trainable if "lora_" not in n}),
+                "trainable_in_vision_tower": sum("vision_tower" in n for n in trainable),
+                "projector_trained": any(PROJECTOR in n and "lora_" not in n for n in trainable),
+                "gradient_accumulation_steps": args.gradient_accumulation_steps,
                 "distributed_type": str(trainer.accelerator.distributed_type).split(".")[-1],
                 "num_processes": trainer.accelerator.num_processes, "replica_checksums": checksums,
             }, indent=2))

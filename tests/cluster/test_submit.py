@@ -110,7 +110,7 @@ def head():
                 if proc.poll() is not None or time.time() > deadline:
                     raise RuntimeError("ray start failed:\n" + (tmp / "ray-start.log").read_text()[-3000:])
                 time.sleep(0.5)
-        yield {"address": address, "token": token, "tmp": tmp, "pid": proc.pid,
+        yield {"address": address, "token": token, "tmp": tmp, "pid": proc.pid, "gcs": f"127.0.0.1:{gcs}",
                "auth_mode": mode["authentication_mode"]}
     finally:
         stop_head(proc)
@@ -250,3 +250,20 @@ def test_submit_generate_wait_then_status_and_logs(head, tmp_path):
     assert r.returncode == 0 and "pairs: " in r.stdout and head["token"] not in r.stdout
     r = cli(["jobs", "stop", job_id, "--address", head["address"]], home, RAY_AUTH_TOKEN=head["token"])
     assert r.returncode == 0 and r.stdout.strip() == f"{job_id}: already ended"
+
+
+def test_hf_token_reaches_workers_on_another_node_and_is_never_printed(head, tmp_path):
+    """The head was started without HF_TOKEN; a driver that has it attaches, and its workers on the head see it."""
+    secret = "hf_" + secrets.token_hex(8)
+    script = ("import os, ray\n"
+              "from cluster.connect import connect\n"
+              f"connect({head['gcs']!r})\n"
+              "same = ray.get(ray.remote(lambda: os.environ.get('HF_TOKEN')).options(num_cpus=0).remote())\n"
+              f"print('same' if same == {secret!r} else 'different')\n")
+    env = {k: v for k, v in os.environ.items() if k not in CLEAN}
+    env.update({"HF_TOKEN": secret, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": head["token"]})
+    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == "same"
+    assert secret not in r.stdout + r.stderr

@@ -1,0 +1,183 @@
+"""Random-weight twins of the paper's models: the same architecture classes, processors and loading paths as the
+checkpoints `configs/paper.yaml` names, at sizes a CPU runs in seconds (`synthalign make-tiny --recipe paper`).
+
+    sd3               StableDiffusion3Pipeline: SD3Transformer2DModel, 16-channel AutoencoderKL, two CLIP text
+                      encoders with projection and a T5 encoder, their tokenizers (stabilityai/stable-diffusion-3-medium)
+    llava-next-mistral-7b, llava-next-vicuna-13b, llava-next-vicuna-7b
+                      LlavaNextForConditionalGeneration + LlavaNextProcessor with any-res tiling; Mistral and
+                      Llama language models, as the paper's three LLaVA-1.6 samplers mix families
+    armorm            a Llama reward model loaded with trust_remote_code whose output carries `.score`, as
+                      RLHFlow/ArmoRM-Llama3-8B-v0.1 does (its modelling file here is ours, written for the twin)
+The policy, LLaVA-1.5, is the tiny `llava` of pipelines/models/tiny.py.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipelines.models.tiny import (
+    LLAVA_CHAT_TEMPLATE,
+    build_clip_tokenizer,
+    build_models,
+    build_tokenizer,
+)
+
+# ArmoRM's custom code, reduced to what its interface promises: a Llama backbone, a regression head over the
+# last token's hidden state, and an output whose `score` is the preference score (ArmoRM mixes 19 objectives
+# through a gating network; the twin's head stands in for that mix).
+ARMORM_CODE = '''
+from dataclasses import dataclass
+
+import torch
+from transformers import LlamaModel, LlamaPreTrainedModel
+from transformers.utils import ModelOutput
+
+
+@dataclass
+class ArmoRMOutput(ModelOutput):
+    rewards: torch.FloatTensor = None
+    hidden_state: torch.FloatTensor = None
+    score: torch.FloatTensor = None
+
+
+class LlamaForRewardModelWithGating(LlamaPreTrainedModel):
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = LlamaModel(config)
+        self.regression_layer = torch.nn.Linear(config.hidden_size, config.num_objectives, bias=False)
+        self.score_weights = torch.nn.Parameter(torch.ones(config.num_objectives) / config.num_objectives)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+        # As ArmoRM: the last token before the first pad (pad_token_id marks where a sequence ends).
+        ends = torch.eq(input_ids, self.config.pad_token_id).int().argmax(-1) - 1
+        ends = (ends % input_ids.shape[-1]).to(hidden.device)
+        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), ends]
+        rewards = self.regression_layer(last)
+        return ArmoRMOutput(rewards=rewards, hidden_state=last, score=rewards @ self.score_weights)
+'''
+
+
+def t5_vocab() -> list[tuple[str, float]]:
+    """A Unigram vocabulary in T5's layout (<pad>, </s>, <unk>, then pieces): the demo's words, then characters."""
+    from pipelines.models.tiny import _corpus
+    words = sorted({w for line in _corpus() for w in line.lower().split()})
+    chars = sorted({c for w in words for c in w})
+    return ([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)] + [("\u2581" + w, -5.0) for w in words]
+            + [(c, -10.0) for c in chars])
+
+
+def build_sd3(out: Path, seed: int) -> None:
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModelWithProjection,
+        T5Config,
+        T5EncoderModel,
+        T5TokenizerFast,
+    )
+    torch.manual_seed(seed)
+    clip_tok = build_clip_tokenizer()
+
+    def clip_encoder():
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(clip_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=2, max_position_embeddings=77, projection_dim=32, bos_token_id=0, eos_token_id=1,
+            pad_token_id=1))
+    t5_tok = T5TokenizerFast(vocab=t5_vocab(), extra_ids=0, model_max_length=128)
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                 pad_token_id=t5_tok.pad_token_id, eos_token_id=t5_tok.eos_token_id))
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=4,
+        joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=64, out_channels=16,
+        pos_embed_max_size=32)
+    vae = AutoencoderKL(block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=16,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        sample_size=32, norm_num_groups=8, use_quant_conv=False, use_post_quant_conv=False,
+                        shift_factor=0.0609, scaling_factor=1.5305)
+    StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+        text_encoder=clip_encoder(), tokenizer=clip_tok, text_encoder_2=clip_encoder(), tokenizer_2=clip_tok,
+        text_encoder_3=t5, tokenizer_3=t5_tok).save_pretrained(out)
+
+
+def llava_next(out: Path, seed: int, family: str) -> None:
+    """A LLaVA-1.6 layout: CLIP vision on 32 px tiles, any-res grid pinpoints, a Llama or Mistral decoder."""
+    import torch
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessorPil,
+        LlavaNextProcessor,
+        MistralConfig,
+    )
+    torch.manual_seed(seed)
+    tok = build_tokenizer()
+    text_cls = MistralConfig if family == "mistral" else LlamaConfig
+    text = text_cls(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
+                    bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    pinpoints = [[32, 64], [64, 32], [64, 64]]
+    cfg = LlavaNextConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=2, image_size=32, patch_size=8),
+        text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"), image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-1, vision_feature_select_strategy="default", projector_hidden_act="gelu")
+    model = LlavaNextForConditionalGeneration(cfg)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(out)
+    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                                 image_grid_pinpoints=pinpoints)
+    LlavaNextProcessor(image_processor=image_processor, tokenizer=tok, patch_size=8,
+                       vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                       chat_template=LLAVA_CHAT_TEMPLATE).save_pretrained(out)
+
+
+def build_armorm(out: Path, seed: int) -> None:
+    import json
+
+    import torch
+    from transformers import LlamaConfig
+    torch.manual_seed(seed)
+    tok = build_tokenizer()
+    tok.chat_template = LLAVA_CHAT_TEMPLATE
+    tok.padding_side = "right"
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    (out / "modeling_custom.py").write_text(ARMORM_CODE)
+    namespace: dict = {}
+    exec(compile(ARMORM_CODE, str(out / "modeling_custom.py"), "exec"), namespace)   # the class the hub file defines
+    cfg.num_objectives = 19
+    model = namespace["LlamaForRewardModelWithGating"](cfg)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    config = json.loads((out / "config.json").read_text())
+    config.update(architectures=["LlamaForRewardModelWithGating"],
+                  auto_map={"AutoModelForSequenceClassification": "modeling_custom.LlamaForRewardModelWithGating"})
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+
+
+# name -> (builder, seed offset)
+TWINS = {
+    "sd3": (build_sd3, 10),
+    "llava-next-mistral-7b": (lambda out, seed: llava_next(out, seed, "mistral"), 11),
+    "llava-next-vicuna-13b": (lambda out, seed: llava_next(out, seed, "llama"), 12),
+    "llava-next-vicuna-7b": (lambda out, seed: llava_next(out, seed, "llama"), 13),
+    "armorm": (build_armorm, 14),
+}
+
+
+def make_twins(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
+    """Build (or reuse) the twins and the tiny policy and CLIP under out_dir; returns name -> folder."""
+    from pipelines.models.tiny import TINY_MODELS
+    return build_models(out_dir, {**TWINS, "llava": TINY_MODELS["llava"], "clip": TINY_MODELS["clip"]}, seed)

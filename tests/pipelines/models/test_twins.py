@@ -1,0 +1,61 @@
+"""Twins of the paper's models: the architecture classes and loading paths of the real checkpoints, run through
+the project's own stage classes (no Ray)."""
+from __future__ import annotations
+
+import io
+
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+
+def png(w, h, colour=(200, 30, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), colour).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_sd3_twin_is_an_sd3_pipeline_and_renders_through_the_image_stage(twin_models):
+    from actors.images import ImagesConfig, ImageSynthesis
+    from actors.prompts import candidate_seed
+    stage = ImageSynthesis(ImagesConfig(model=str(twin_models["sd3"]), guidance_scales=[5.0, 7.0], steps=2,
+                                        height=64, width=64))
+    pipe = stage.pipe
+    assert type(pipe).__name__ == "StableDiffusion3Pipeline"
+    assert type(pipe.transformer).__name__ == "SD3Transformer2DModel" and pipe.vae.config.latent_channels == 16
+    assert [type(e).__name__ for e in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3)] == \
+        ["CLIPTextModelWithProjection", "CLIPTextModelWithProjection", "T5EncoderModel"]
+    out = stage(pa.table({"prompt_id": ["p1"], "image_prompt": ["a red dog on a table"]}))
+    images = out.column("candidate_images")[0].as_py()
+    assert len(images) == 2 and Image.open(io.BytesIO(images[0])).size == (64, 64)
+    assert out.column("candidate_seeds")[0].as_py() == [candidate_seed("p1", k) for k in range(2)]
+
+
+@pytest.mark.parametrize("name,family", [("llava-next-mistral-7b", "MistralConfig"),
+                                         ("llava-next-vicuna-13b", "LlamaConfig")])
+def test_llava_next_twins_answer_through_the_sampling_stage_with_any_res_tiles(twin_models, name, family):
+    from actors.sampling import AnswerSampler, SamplerConfig
+    stage = AnswerSampler(SamplerConfig(model=str(twin_models[name]), name=name, n=2, temperature=1.0,
+                                        max_new_tokens=6))
+    model, processor = stage.backend.model, stage.backend.processor
+    assert type(model).__name__ == "LlavaNextForConditionalGeneration"
+    assert type(processor).__name__ == "LlavaNextProcessor" and type(model.config.text_config).__name__ == family
+    # any-res: an 80x48 image is tiled (base view + grid tiles), a square one is not
+    wide = processor.image_processor(images=[Image.open(io.BytesIO(png(80, 48)))], return_tensors="pt")
+    square = processor.image_processor(images=[Image.open(io.BytesIO(png(32, 32)))], return_tensors="pt")
+    assert wide["pixel_values"].shape[1] > square["pixel_values"].shape[1] >= 1
+    out = stage(pa.table({"image": [png(80, 48), png(32, 32)], "question": ["What is this?", "Describe it."],
+                          "pair_key": ["k1", "k2"], "prompt_id": ["p1", "p2"]}))
+    assert out.column("error").to_pylist() == [None, None]
+    assert [len(a) for a in out.column("answers").to_pylist()] == [2, 2]
+
+
+def test_armorm_twin_loads_remote_code_scores_and_batches_like_one_at_a_time(twin_models):
+    from actors.rewards import RewardsConfig, TextReward
+    reward = TextReward(RewardsConfig(text_model=str(twin_models["armorm"]), trust_remote_code=True))
+    assert type(reward.model).__name__ == "LlamaForRewardModelWithGating"
+    questions = ["What is this?", "Describe the image in detail please.", "Is there a dog?"]
+    answers = ["A dog.", "There are two cats sitting in a green park next to a wooden bench.", "No."]
+    batched = reward.score(questions, answers)
+    single = [reward.score([q], [a])[0] for q, a in zip(questions, answers)]
+    assert batched == pytest.approx(single, abs=1e-5) and len(set(batched)) == 3

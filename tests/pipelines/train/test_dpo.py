@@ -1,0 +1,80 @@
+"""The recipe's LoRA and optimizer as the paper's code has them: the vision tower frozen, LoRA on the language
+model only, the projector trained at its own learning rate, the global batch kept whatever the worker count.
+In-process TRL (no Ray): the Ray Train runs in test_train.py use the same `dpo_args` / `lora_config`."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_fixtures import make_pairs_parquet, make_tiny_llava  # noqa: E402
+
+from pipelines.train.config import LoraConfig, TrainConfig  # noqa: E402
+from pipelines.train.dpo import PROJECTOR, dpo_args, lora_config, trainer_class  # noqa: E402
+
+
+def peft_names(model_dir, cfg):
+    from peft import get_peft_model
+    from transformers import AutoModelForImageTextToText
+    model = get_peft_model(AutoModelForImageTextToText.from_pretrained(model_dir), lora_config(cfg))
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    return make_tiny_llava(tmp_path_factory.mktemp("dpo"))
+
+
+def test_lora_never_touches_the_vision_tower(llava):
+    scoped = peft_names(llava, TrainConfig(model=str(llava)))
+    assert scoped and all("lora_" in n and "language_model" in n for n in scoped)
+    assert not any("vision_tower" in n for n in scoped)
+    # PEFT alone matches suffixes: the CLIP tower's q_proj/k_proj/v_proj would be adapted too.
+    unscoped = peft_names(llava, TrainConfig(model=str(llava), lora=LoraConfig(scope="all")))
+    assert any("vision_tower" in n for n in unscoped)
+
+
+def test_projector_trains_at_its_own_learning_rate_and_the_vision_tower_stays(llava, tmp_path):
+    import pyarrow.dataset as pads
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from pipelines.train.data import hf_dataset, to_trl_records
+    torch.manual_seed(0)
+    cfg = TrainConfig(model=str(llava), projector_lr=5e-3, learning_rate=1e-3, max_steps=2, per_device_batch_size=2,
+                      lr_scheduler_type="constant", warmup_ratio=0.0, report_to=["none"], save_steps=100,
+                      gradient_checkpointing=False, lora=LoraConfig(dropout=0.0))
+    data = make_pairs_parquet(tmp_path / "pairs", n=8, files=1)
+    rows = [{k: v for k, v in r.items() if k != "pair_id"}
+            for r in to_trl_records(pads.dataset(str(data)).to_table().sort_by("pair_id"))]
+    model = AutoModelForImageTextToText.from_pretrained(llava)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = trainer_class(cfg)(model=model, args=dpo_args(cfg, str(tmp_path / "hf"), use_cpu=True),
+                                 train_dataset=hf_dataset(rows), peft_config=lora_config(cfg),
+                                 processing_class=AutoProcessor.from_pretrained(llava))
+    trainer.train()
+    lrs = sorted({g["lr"] for g in trainer.optimizer.param_groups})
+    assert lrs == [1e-3, 5e-3]
+    after = dict(trainer.model.named_parameters())
+    projector = [n for n in after if PROJECTOR in n and "modules_to_save" in n]
+    assert projector and all(after[n].requires_grad for n in projector)
+    base = {n.replace("base_model.model.", "").replace(".modules_to_save.default", ""): p for n, p in after.items()}
+    assert any(not torch.equal(before[n], base[n]) for n in before if PROJECTOR in n)        # it learned
+    assert all(torch.equal(before[n], base[n]) for n in before if "vision_tower" in n)      # frozen
+    trainer.save_model(str(tmp_path / "adapter"))
+    from safetensors.torch import load_file
+    keys = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")).keys()
+    assert not any("vision_tower" in k for k in keys) and any(PROJECTOR in k for k in keys)
+
+
+@pytest.mark.parametrize("workers,per_device,steps", [(1, 2, 4), (2, 2, 2), (4, 2, 1), (2, 1, 4)])
+def test_the_global_batch_follows_the_recipe_not_the_worker_count(workers, per_device, steps):
+    from cluster.resources import WorkersConfig
+    cfg = TrainConfig(global_batch_size=8, per_device_batch_size=per_device, workers=WorkersConfig(num_workers=workers))
+    assert cfg.validate() == []
+    assert cfg.accumulation_steps(workers) == steps
+    assert dpo_args(cfg, "/tmp/x", world_size=workers, use_cpu=True).gradient_accumulation_steps == steps
+    bad = TrainConfig(global_batch_size=6, per_device_batch_size=4, workers=WorkersConfig(num_workers=1))
+    assert [p.key for p in bad.validate()] == ["train.global_batch_size"]
