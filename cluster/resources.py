@@ -56,6 +56,34 @@ class WorkersConfig:
         return errs
 
 
+@dataclass
+class ClusterShape:
+    """The cluster a config is meant for (`cluster:` in a run config). When given, pools that can never all be
+    placed at once are an error at load: Ray Data starts every pool of the chain together, and a pool that finds
+    no room waits forever."""
+    nodes: int = 1
+    gpus_per_node: float = 0.0
+    resources: dict[str, float] = field(default_factory=dict)   # custom resources each node offers
+
+    def placement_problems(self, pools: dict[str, PoolConfig]) -> list[Problem]:
+        """`pools`: the pools that run at once, by name (a sampler's own pool as sampling:<name>)."""
+        errs = []
+        want = {name: p.size * p.num_gpus for name, p in pools.items() if p.num_gpus}
+        total, have = sum(want.values()), self.nodes * self.gpus_per_node
+        if total > have:
+            parts = " + ".join(f"{name} {g:g}" for name, g in want.items())
+            errs.append(Problem("pools", f"ask for {total:g} GPUs at once ({parts}) but the cluster has {have:g} "
+                                         f"({self.nodes} node(s) x {self.gpus_per_node:g})"))
+        for name, p in pools.items():
+            if p.num_gpus > max(1.0, self.gpus_per_node):
+                errs.append(Problem(f"pools.{name}.num_gpus", f"{p.num_gpus:g} per actor: no node has that many"))
+            missing = sorted(set(p.resources) - set(self.resources))
+            if missing:
+                errs.append(Problem(f"pools.{name}.resources", f"no node offers {', '.join(missing)} "
+                                                               f"(cluster.resources: {sorted(self.resources)})"))
+        return errs
+
+
 def _thread_env(threads: int) -> dict:
     # Ray sets OMP_NUM_THREADS=1 in workers; set it explicitly so `threads` is the one knob.
     return {"env_vars": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}}

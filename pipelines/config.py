@@ -18,14 +18,14 @@ from actors.prompts import PromptsConfig
 from actors.rewards import RewardsConfig
 from actors.sampling import SamplerConfig
 from actors.select import SelectionConfig
-from cluster.resources import PoolConfig
+from cluster.resources import ClusterShape, PoolConfig
 from pipelines.evaluate.config import WorldEvalConfig
 from pipelines.train.config import TrainConfig
 from pipelines.typed import ConfigTypeError, from_dict, set_dotted
 
 POOL_STAGES = tuple(s.pool for s in STAGES)
 # What neither generation nor training depends on: where output goes, how it is scheduled, test hooks.
-RUN_KEYS = ("output_dir", "tiny_models", "tiny_recipe", "pools", "fuse", "train", "min_rows_per_file", "rows_per_shard",
+RUN_KEYS = ("output_dir", "tiny_models", "tiny_recipe", "cluster", "pools", "fuse", "train", "min_rows_per_file", "rows_per_shard",
             "max_error_fraction", "faults", "eval")
 # Training keys that change how a run is watched or scheduled, not what it learns.
 TRAIN_RUN_KEYS = ("save_steps", "logging_steps", "num_to_keep", "max_failures", "merge_adapter", "report_to",
@@ -57,11 +57,21 @@ class RunConfig:
     max_error_fraction: float = 0.05   # share of image-questions allowed to fail before the job fails
     faults: FaultConfig | None = None  # test-only fault injection
     eval: WorldEvalConfig | None = None  # base vs adapter on held-out world images after `run` trains
+    cluster: ClusterShape | None = None  # the cluster it is meant for: pools that cannot all be placed fail at load
 
     def pool(self, stage: str, sampler: SamplerConfig | None = None) -> PoolConfig:
         if sampler is not None and f"sampling:{sampler.label}" in self.pools:
             return self.pools[f"sampling:{sampler.label}"]
         return self.pools.get(stage, PoolConfig())
+
+    def running_pools(self) -> dict[str, PoolConfig]:
+        """The pools the generate chain holds at once: one per stage (a sampler's own as sampling:<name>), or
+        the images pool alone when fused."""
+        if self.fuse:
+            return {"images": self.pool("images")}
+        out = {name: self.pool(name) for name in ("images", "selection", "rewards")}
+        out.update({f"sampling:{s.label}": self.pool("sampling", s) for s in self.samplers})
+        return out
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -114,6 +124,8 @@ class RunConfig:
                 errs.append(Problem("faults.stage", f"must be one of {', '.join(POOL_STAGES)}"))
         if self.eval:
             errs += self.eval.validate()
+        if self.cluster:
+            errs += self.cluster.placement_problems(self.running_pools())
         return errs
 
 
