@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,6 +116,12 @@ def _read_lines(path: Path) -> list[tuple[int, str]]:
     return lines
 
 
+def without_image_token(instruction: str) -> str:
+    """Instruction files in the LLaVA format start each instruction with `<image>`; the answering stage puts the
+    image in through the model's chat template, and a second placeholder would fail every row."""
+    return re.sub(r"\s*<image>\s*", " ", instruction).strip()
+
+
 def _from_jsonl(path: Path) -> list[dict]:
     rows = []
     for lineno, line in _read_lines(path):
@@ -136,6 +143,10 @@ def _from_jsonl(path: Path) -> list[dict]:
         if gt is not None and not (isinstance(gt, list) and all(isinstance(s, str) for s in gt)):
             raise InputError("must be a list of strings", file=str(path), row=lineno, field="gt_objects")
         pid = obj.get("prompt_id", f"{path.stem}-{lineno:07d}")
+        instr = [without_image_token(s) for s in instr]
+        if not all(instr):
+            raise InputError("an instruction holds nothing but <image>", file=str(path), row=lineno,
+                             field="instructions")
         rows.append({"prompt_id": str(pid), "image_prompt": prompt.strip(), "instructions": instr,
                      "gt_objects": gt, "_row": lineno})
     return rows
@@ -149,7 +160,10 @@ def _from_text(path: Path, instructions_file: str | None) -> list[dict]:
         if len(instr) != len(lines):
             raise InputError(f"has {len(instr)} instructions for {len(lines)} prompts in {path}",
                              file=str(ipath))
-        instructions = [[s] for _, s in instr]
+        instructions = [[without_image_token(s)] for _, s in instr]
+        empty = next((lineno for (lineno, _), [s] in zip(instr, instructions) if not s), None)
+        if empty:
+            raise InputError("the instruction holds nothing but <image>", file=str(ipath), row=empty)
     else:
         instructions = [[DEFAULT_INSTRUCTION]] * len(lines)
     return [{"prompt_id": f"{path.stem}-{lineno:07d}", "image_prompt": text, "instructions": ins,

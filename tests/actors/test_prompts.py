@@ -88,3 +88,21 @@ def test_question_expander_one_row_per_instruction():
     assert [(r["pair_key"], r["question"], r["question_index"], r["x"]) for r in out] == \
         [("a-q0", "q1", 0, 1), ("a-q1", "q2", 1, 1), ("b-q0", "q3", 0, 2)]
     assert "instructions" not in out[0]
+
+
+def test_instructions_in_the_llava_format_lose_their_image_placeholder(tmp_path):
+    """The authors' instruction files start each line with <image>; the answering stage adds the image itself,
+    and a second placeholder made every row fail (more image tokens than images)."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a dog on a bench\na red car\n")
+    instr = tmp_path / "i.txt"
+    instr.write_text("<image>\\nDescribe the image.\n<image> What color is the car?\n".replace("\\n", " "))
+    rows = load_prompts(PromptsConfig(source="file", file=str(prompts), instructions_file=str(instr)))
+    assert [r["instructions"] for r in rows] == [["Describe the image."], ["What color is the car?"]]
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text('{"prompt": "a cat", "instructions": ["<image>\\nIs there a cat?", "Describe <image> it."]}\n')
+    assert load_prompts(PromptsConfig(source="file", file=str(jsonl)))[0]["instructions"] == \
+        ["Is there a cat?", "Describe it."]
+    instr.write_text("<image>\nWhat is it?\n")
+    with pytest.raises(InputError, match=r"i.txt, row 1: the instruction holds nothing but <image>"):
+        load_prompts(PromptsConfig(source="file", file=str(prompts), instructions_file=str(instr)))
