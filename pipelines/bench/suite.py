@@ -16,11 +16,11 @@ from pathlib import Path
 
 from pipelines.bench.meter import load_avg
 
-BENCHMARKS = ("streaming", "scaling", "training", "cluster")
+BENCHMARKS = ("streaming", "scaling", "training", "cluster", "scale")
 
 
 def run_bench(out: Path, only=BENCHMARKS, tiny: Path | None = None, prompts: int = 2048, sizes=(500, 2250),
-              train_steps: int = 30, sim: dict | None = None) -> dict:
+              train_steps: int = 30, sim: dict | None = None, scale: dict | None = None) -> dict:
     """Run the selected benchmarks (Ray must be connected for all but `cluster`); writes JSON and markdown."""
     out = Path(out)
     work, tiny = out / "work", Path(tiny or out / "tiny")
@@ -37,6 +37,9 @@ def run_bench(out: Path, only=BENCHMARKS, tiny: Path | None = None, prompts: int
         elif name == "training":
             from pipelines.bench.training import bench_training
             results[name] = bench_training(work, tiny, train_steps)
+        elif name == "scale":
+            from pipelines.bench.scale import bench_scale
+            results[name] = bench_scale(work, tiny, **(scale or {}))
         elif name == "cluster":
             from pipelines.bench.sim import bench_cluster
             results[name] = {k: bench_cluster(work / k, **{**(sim or {}), "shape": shp})
@@ -50,7 +53,8 @@ def run_bench(out: Path, only=BENCHMARKS, tiny: Path | None = None, prompts: int
 
 
 # Each target once: (benchmark, figure) -> (comparison, bound); the markdown table reads them from here.
-TARGETS = {("streaming", "ratio"): (">=", 1.5), ("scaling", "wall_ratio"): ("<=", 4.7),
+TARGETS = {("streaming", "ratio"): (">=", 1.5), ("scale", "worker_rss_ratio"): ("<=", 1.25),
+           ("scale", "driver_rss_ratio"): ("<=", 1.25), ("scaling", "wall_ratio"): ("<=", 4.7),
            ("scaling", "rss_ratio"): ("<=", 1.1), ("training", "ratio"): ("<=", 1.1),
            ("cluster", "min_busy"): (">=", 0.9)}
 
@@ -83,6 +87,13 @@ def markdown(r: dict) -> str:
         s = r["training"]
         rows += [("training", "Ray Train / plain TRL, median step", f"{s['ratio']}× ({s['ray_train_step_s']} s vs "
                   f"{s['plain_trl_step_s']} s)", _target("training", "ratio"), met("training", "ratio", s["ratio"]))]
+    if "scale" in r:
+        s = r["scale"]
+        for fig, what in (("worker_rss_ratio", "train worker"), ("driver_rss_ratio", "train driver")):
+            key = "worker_peak_rss_mb" if fig.startswith("worker") else "driver_peak_rss_mb"
+            mb = [max(x[key]) if isinstance(x[key], list) else x[key] for x in s["runs"]]
+            rows += [("scale", f"{what} peak RSS, {s['pairs_ratio']}× the pairs ({s['px']} px)",
+                      f"{s[fig]}× ({mb[0]} → {mb[-1]} MB)", _target("scale", fig), met("scale", fig, s[fig]))]
     for shape, s in r.get("cluster", {}).items():
         if shape == "bench_seconds":
             continue

@@ -31,7 +31,8 @@ def cmd_bench(args) -> int:
         connect(args.address)
     sim = {"prompts": args.sim_prompts, "scale": args.cost_scale, "gpus": args.gpus, "shape": _shape(args.shape)}
     results = run_bench(args.out, only, tiny=args.tiny, prompts=args.prompts, sizes=_ints(args.scaling_sizes),
-                        train_steps=args.train_steps, sim=sim)
+                        train_steps=args.train_steps, sim=sim,
+                        scale={"sizes": _ints(args.scale_sizes), "px": args.scale_px})
     print(json.dumps(results, indent=2))
     print(f"-> {args.out}/results.json, {args.out}/results.md")
     return 0
@@ -40,8 +41,8 @@ def cmd_bench(args) -> int:
 def add_bench_command(sub) -> None:
     p = sub.add_parser("bench", help="performance benchmarks (streaming, scaling, training, cluster simulation)")
     p.add_argument("--out", required=True, help="folder for results.json, results.md and the runs")
-    p.add_argument("--only", default="streaming,scaling,training,cluster",
-                   help="comma-separated subset of streaming,scaling,training,cluster")
+    p.add_argument("--only", default="streaming,scaling,training,cluster,scale",
+                   help="comma-separated subset of streaming,scaling,training,cluster,scale")
     p.add_argument("--prompts", type=int, default=2048, help="streaming: prompts (pipeline vs loop)")
     p.add_argument("--scaling-sizes", default="500,2250", help="scaling: prompts per run (2K-vs-9K proportions)")
     p.add_argument("--train-steps", type=int, default=30, help="training: DPO steps per run")
@@ -50,6 +51,8 @@ def add_bench_command(sub) -> None:
     p.add_argument("--gpus", type=float, default=8, help="cluster: GPUs of the balanced shape")
     p.add_argument("--shape", default="images=4,sampling=1,selection=0.5,rewards=0.5",
                    help="cluster: a given shape to simulate as well, GPUs per pool (sampling: each sampler)")
+    p.add_argument("--scale-sizes", default="1000,16000", help="scale: pairs per training run (two sizes)")
+    p.add_argument("--scale-px", type=int, default=512, help="scale: image side of the synthetic pairs")
     p.add_argument("--tiny", help="tiny models folder (default OUT/tiny)")
     p.add_argument("--address", help="Ray address to attach to (default: RAY_ADDRESS, else a local Ray)")
     p.set_defaults(fn=cmd_bench)

@@ -80,11 +80,72 @@ def parquet_files(data_path: str) -> list[str]:
     return files
 
 
-def hf_dataset(rows: list[dict]):
-    """TRL records (images as {bytes, path}, decoded lazily by `datasets`) as a `datasets.Dataset`."""
+def trl_features(extra: dict | None = None):
     import datasets
     msg = [{"role": datasets.Value("string"),
             "content": [{"type": datasets.Value("string"), "text": datasets.Value("string")}]}]
-    features = datasets.Features({"images": datasets.List(datasets.Image()), "prompt": msg, "chosen": msg,
-                                  "rejected": msg})
-    return datasets.Dataset.from_list(rows, features=features)
+    return datasets.Features({"images": datasets.List(datasets.Image()), "prompt": msg, "chosen": msg,
+                              "rejected": msg, **(extra or {})})
+
+
+def hf_dataset(rows: list[dict]):
+    """TRL records (images as {bytes, path}, decoded lazily by `datasets`) as an in-memory `datasets.Dataset`."""
+    import datasets
+    return datasets.Dataset.from_list(rows, features=trl_features())
+
+
+def token_length(row: dict, processor) -> int:
+    """Tokens of prompt (image tokens expanded) + the longer answer, as DPOTrainer's collator builds them."""
+    from actors.common.runtime import open_png
+    msgs = trl_messages(row["question"], row["chosen"], row["rejected"])
+    prompt = processor.apply_chat_template(msgs["prompt"], add_generation_prompt=True, tokenize=False)
+    n_prompt = processor(images=[open_png(row["image"])], text=[prompt], add_special_tokens=False)["input_ids"]
+    answers = [processor.apply_chat_template(msgs["prompt"] + msgs[k], tokenize=False)[len(prompt):]
+               for k in ("chosen", "rejected")]
+    n_answer = max(len(processor.tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
+    return len(n_prompt[0]) + n_answer
+
+
+BATCH_ROWS = 64   # rows in memory at a time while the records are built
+
+
+def build_trl_dataset(files: list[str], folder: Path, max_length: int | None = None, processor=None) -> dict:
+    """The pairs as TRL records in an Arrow dataset under folder/records, built batch by batch from the Parquet
+    files (memory-mapped Arrow caches on disk, never a copy in memory); images stay PNG bytes that `datasets`
+    decodes when a batch is drawn. Rows are sorted by pair_id (a seed then fixes the order, and resume can skip
+    what was seen); rows `row_problem` rejects, or longer than max_length tokens, are dropped and counted in
+    folder/dropped.json. Returns the drop counts."""
+    import json
+    from collections import Counter
+
+    import datasets
+
+    from actors.common.files import atomic_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    cache = str(folder / "cache")
+    src = datasets.Dataset.from_parquet(files, columns=list(TRAIN_COLUMNS), cache_dir=cache).sort("pair_id")
+
+    def convert(batch):
+        out = {"images": [], "prompt": [], "chosen": [], "rejected": [], "problem": []}
+        for i in range(len(batch["pair_id"])):
+            row = {k: batch[k][i] for k in TRAIN_COLUMNS}
+            problem = row_problem(row)
+            if problem is None and max_length is not None and token_length(row, processor) > max_length:
+                problem = "longer than max_length"
+            msgs = trl_messages(row["question"] or "", row["chosen"] or "", row["rejected"] or "")
+            out["images"].append([{"bytes": row["image"] or b"", "path": None}])
+            for k in ("prompt", "chosen", "rejected"):
+                out[k].append(msgs[k])
+            out["problem"].append(problem)
+        return out
+    records = src.map(convert, batched=True, batch_size=BATCH_ROWS, writer_batch_size=BATCH_ROWS,
+                      remove_columns=src.column_names, features=trl_features({"problem": datasets.Value("string")}),
+                      cache_file_name=str(folder / "cache" / "records.arrow"), load_from_cache_file=False)
+    dropped = dict(Counter(p for p in records["problem"] if p is not None))
+    kept = records.filter(lambda p: p is None, input_columns="problem", batch_size=BATCH_ROWS,
+                          writer_batch_size=BATCH_ROWS, cache_file_name=str(folder / "cache" / "kept.arrow"),
+                          load_from_cache_file=False).remove_columns("problem")
+    with atomic_dir(folder / "records") as tmp:
+        kept.save_to_disk(str(tmp), max_shard_size="256MB")
+    (folder / "dropped.json").write_text(json.dumps(dropped))
+    return dropped

@@ -23,14 +23,14 @@ from pipelines.train.config import (
     check_with_libraries,
     load_deepspeed_config,
 )
-from pipelines.train.data import TRAIN_COLUMNS, parquet_files
+from pipelines.train.data import parquet_files
 
 
 def train_paths(output_dir: str | Path) -> dict[str, Path]:
     root = Path(output_dir) / "train"
     return {"root": root, "ray": root / "ray", "run": root / "ray" / "dpo", "adapter": root / "adapter",
             "merged": root / "merged", "metrics": root / "metrics.jsonl", "tb": root / "tb",
-            "summary": root / "summary.json"}
+            "summary": root / "summary.json", "data": root / "data"}
 
 
 def check_recipe(cfg: TrainConfig) -> TrainConfig:
@@ -56,7 +56,7 @@ def run_train(cfg: TrainConfig, data_path: str | None, output_dir: str, resume: 
     `max_failures` or a rerun goes past it).
     """
     import ray
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     from cluster.resources import scaling_config
@@ -68,17 +68,17 @@ def run_train(cfg: TrainConfig, data_path: str | None, output_dir: str, resume: 
         raise RuntimeError("run_train needs a Ray connection: call ray.init() first (the CLI does)")
     paths = train_paths(output_dir)
     if not resume:
-        for key in ("run", "adapter", "merged", "tb"):
+        for key in ("run", "adapter", "merged", "tb", "data"):
             shutil.rmtree(paths[key], ignore_errors=True)
         for key in ("metrics", "summary"):
             paths[key].unlink(missing_ok=True)
     paths["root"].mkdir(parents=True, exist_ok=True)
     paths["summary"].unlink(missing_ok=True)
 
-    # Materialized here, before the workers take their CPUs: Ray Data's budget excludes Train's reservation, so
-    # read tasks started from inside the workers can wait forever on a cluster the workers fill (2 CPUs, 2 workers).
-    ds = ray.data.read_parquet(files, columns=list(TRAIN_COLUMNS)).materialize()
+    # The workers read the Parquet files themselves (pipelines.train.data.build_trl_dataset): the driver never
+    # holds the pairs, and no worker holds more than a batch of them in memory.
     loop_config = {
+        "files": files,
         "cfg": cfg,
         "deepspeed": load_deepspeed_config(cfg.deepspeed) if cfg.deepspeed else None,
         "paths": {k: str(v) for k, v in paths.items()},
@@ -92,10 +92,6 @@ def run_train(cfg: TrainConfig, data_path: str | None, output_dir: str, resume: 
             storage_path=str(paths["ray"].resolve()), name="dpo",
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep),
             failure_config=FailureConfig(max_failures=cfg.max_failures)),
-        datasets={"train": ds},
-        # Every worker gets all rows; the HF Trainer's distributed sampler shards them by rank with a seeded,
-        # resumable order (a streaming split is not reproducible, so resume could not skip the seen batches).
-        dataset_config=DataConfig(datasets_to_split=[]),
     )
     result = trainer.fit()
     if not paths["summary"].exists():

@@ -10,11 +10,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import shutil
 import tempfile
 from pathlib import Path
 
-from pipelines.train.data import hf_dataset, row_problem, trl_messages
+from pipelines.train.data import build_trl_dataset
 from pipelines.train.dpo import PROJECTOR, dpo_args, lora_config, trainer_class
 
 METRIC_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
@@ -52,37 +53,17 @@ def _setup_distributed_state(use_deepspeed: bool, use_cuda: bool) -> dict:
     return {"accelerator_config": {"use_configured_state": True}}
 
 
-def _load_rows(cfg, processor) -> tuple[list[dict], dict]:
-    """All pairs rows from the Ray Data dataset, cleaned and sorted by pair_id; returns (rows, drop counts)."""
-    import ray.train
-
-    rows, dropped = [], {}
-    for batch in ray.train.get_dataset_shard("train").iter_batches(batch_format="pyarrow", batch_size=256):
-        rows.extend(batch.to_pylist())
-    rows.sort(key=lambda r: str(r.get("pair_id")))
-    kept = []
-    for row in rows:
-        problem = row_problem(row)
-        if problem is None and cfg.max_length is not None and _token_length(row, processor) > cfg.max_length:
-            problem = "longer than max_length"
-        if problem:
-            dropped[problem] = dropped.get(problem, 0) + 1
-            continue
-        kept.append({"images": [{"bytes": row["image"], "path": None}],
-                     **trl_messages(row["question"], row["chosen"], row["rejected"])})
-    return kept, dropped
-
-
-def _token_length(row: dict, processor) -> int:
-    """Tokens of prompt (image tokens expanded) + the longer answer, as DPOTrainer's collator builds them."""
-    from actors.common.runtime import open_png
-    msgs = trl_messages(row["question"], row["chosen"], row["rejected"])
-    prompt = processor.apply_chat_template(msgs["prompt"], add_generation_prompt=True, tokenize=False)
-    n_prompt = processor(images=[open_png(row["image"])], text=[prompt], add_special_tokens=False)["input_ids"]
-    answers = [processor.apply_chat_template(msgs["prompt"] + msgs[k], tokenize=False)[len(prompt):]
-               for k in ("chosen", "rejected")]
-    n_answer = max(len(processor.tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
-    return len(n_prompt[0]) + n_answer
+def _shared_dataset(files, cfg, processor, folder: Path, rank: int):
+    """Rank 0 writes the TRL records to `folder` (the run's storage, which every node sees), the others wait;
+    then every rank memory-maps it. No process holds the pairs in memory."""
+    import datasets
+    import torch.distributed as dist
+    if rank == 0:
+        build_trl_dataset(files, folder, cfg.max_length, processor)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    ds = datasets.load_from_disk(str(folder / "records"))
+    return ds, json.loads((folder / "dropped.json").read_text())
 
 
 def _callbacks(paths: dict, start_step: int, fail_at_step: int | None):
@@ -142,10 +123,9 @@ def train_loop(config: dict) -> None:
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     processor = AutoProcessor.from_pretrained(cfg.model)
-    rows, dropped = _load_rows(cfg, processor)
-    if not rows:
+    train_ds, dropped = _shared_dataset(config["files"], cfg, processor, Path(paths["data"]), rank)
+    if not len(train_ds):
         raise ValueError(f"no trainable pairs rows (dropped: {dropped})")
-    train_ds = hf_dataset(rows)
 
     work_dir = tempfile.mkdtemp(prefix=f"dpo-rank{rank}-")   # HF checkpoints before Ray copies them to storage
     try:
@@ -166,6 +146,7 @@ def train_loop(config: dict) -> None:
         # Every rank takes part (ZeRO-3 gathers the adapter; the checksums are a collective); rank 0 writes.
         trainer.save_model(paths["adapter"])
         checksums = _replica_checksums(trainer, ds_config)
+        peak_rss = _gather(round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
         if trainer.is_world_process_zero():
             processor.save_pretrained(paths["adapter"])
             trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
@@ -174,7 +155,7 @@ def train_loop(config: dict) -> None:
             losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
             Path(paths["summary"]).write_text(json.dumps({
                 "steps": trainer.state.global_step, "final_loss": losses[-1] if losses else None,
-                "resumed_from_step": start_step, "rows_used": len(rows), "rows_dropped": sum(dropped.values()),
+                "resumed_from_step": start_step, "rows_used": len(train_ds), "rows_dropped": sum(dropped.values()),
                 "rows_dropped_by_reason": dropped, "world_size": ctx.get_world_size(),
                 "deepspeed_stage": (ds_config or {}).get("zero_optimization", {}).get("stage"),
                 "trainable_tensors": len(trainable), "trainable_params": sum(
@@ -186,22 +167,28 @@ def train_loop(config: dict) -> None:
                 "gradient_accumulation_steps": args.gradient_accumulation_steps,
                 "distributed_type": str(trainer.accelerator.distributed_type).split(".")[-1],
                 "num_processes": trainer.accelerator.num_processes, "replica_checksums": checksums,
+                "peak_rss_mb_by_rank": peak_rss,
             }, indent=2))
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
 
 
+def _gather(value) -> list:
+    """`value` from every rank, in rank order (a collective: every rank calls it)."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
 def _replica_checksums(trainer, ds_config) -> list[float] | None:
     """Sum of the trainable weights on every rank: data-parallel replicas must agree (None under ZeRO-3)."""
-    import torch.distributed as dist
     if (ds_config or {}).get("zero_optimization", {}).get("stage") == 3:
         return None
     local = sum(float(p.detach().double().sum()) for p in trainer.model.parameters() if p.requires_grad)
-    if not (dist.is_available() and dist.is_initialized()):
-        return [local]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, local)
-    return out
+    return _gather(local)
 
 
 def _merge(cfg, paths: dict, dtype) -> None:

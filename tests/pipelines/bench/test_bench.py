@@ -75,3 +75,19 @@ def test_balanced_shape_keeps_up_with_diffusion():
     rate = shape["images"] / (cost["images"][0] * cost["images"][1])  # prompts per second
     for key, gpus in shape.items():
         assert gpus / (cost[key][0] * cost[key][1]) >= rate * 0.999, key
+
+
+def test_scale_bench_pairs_are_incompressible_at_the_asked_size(tmp_path):
+    import io
+
+    import pyarrow.dataset as pads
+    from PIL import Image
+
+    from pipelines.bench.scale import write_noise_pairs
+    from pipelines.train.data import parquet_files
+    folder = write_noise_pairs(tmp_path / "p", n=5, px=64, rows_per_file=2)
+    assert len(parquet_files(str(folder))) == 3
+    rows = pads.dataset(str(folder)).to_table().to_pylist()
+    assert [r["pair_id"] for r in rows] == [f"p{i:07d}" for i in range(5)]
+    assert all(Image.open(io.BytesIO(r["image"])).size == (64, 64) for r in rows)
+    assert min(len(r["image"]) for r in rows) > 64 * 64 * 3 * 0.95   # noise: PNG cannot shrink it

@@ -78,3 +78,24 @@ def test_the_global_batch_follows_the_recipe_not_the_worker_count(workers, per_d
     assert dpo_args(cfg, "/tmp/x", world_size=workers, use_cpu=True).gradient_accumulation_steps == steps
     bad = TrainConfig(global_batch_size=6, per_device_batch_size=4, workers=WorkersConfig(num_workers=1))
     assert [p.key for p in bad.validate()] == ["train.global_batch_size"]
+
+
+def test_training_records_are_built_batch_by_batch_and_memory_mapped(tmp_path):
+    """What every Ray Train worker reads: TRL records on disk, sorted by pair_id, bad rows dropped and counted,
+    images still PNG bytes; the dataset is memory-mapped from Arrow files, not a copy in memory."""
+    import datasets
+    from datasets.table import MemoryMappedTable
+
+    from pipelines.train.data import BATCH_ROWS, build_trl_dataset, parquet_files
+    data = make_pairs_parquet(tmp_path / "pairs", n=3 * BATCH_ROWS, files=3, bad_rows=2)
+    dropped = build_trl_dataset(parquet_files(str(data)), tmp_path / "data")
+    assert sum(dropped.values()) == 2
+    ds = datasets.load_from_disk(str(tmp_path / "data" / "records"))
+    assert len(ds) == 3 * BATCH_ROWS and isinstance(ds.data, MemoryMappedTable)
+    assert ds.features["images"].feature.decode and ds[0]["images"][0].size[0] > 0   # decoded when drawn
+    import pyarrow.dataset as pads
+
+    from pipelines.train.data import row_problem
+    rows = sorted(pads.dataset(str(data)).to_table().to_pylist(), key=lambda r: r["pair_id"])
+    expected = [r["chosen"] for r in rows if row_problem(r) is None]
+    assert [r["chosen"][0]["content"][0]["text"] for r in ds.select_columns(["chosen"])] == expected

@@ -154,7 +154,7 @@ def test_token_length_counts_image_tokens_like_the_collator(assets):
     from transformers import AutoProcessor
     from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
 
-    from pipelines.train.worker import _token_length
+    from pipelines.train.data import token_length as _token_length
     processor = AutoProcessor.from_pretrained(assets["model"])
     row = pq.read_table(str(assets["data"])).slice(0, 1).to_pylist()[0]
     batch = DataCollatorForVisionPreference(processor)([dict(to_trl_records([row])[0])])
