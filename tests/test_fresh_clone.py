@@ -43,18 +43,19 @@ sys.addaudithook(_hook)
 '''
 
 
-def git_files(root: Path) -> list[str]:
-    """Tracked and untracked-but-not-ignored files, so uncommitted work is tested too."""
+def copy_git_files(root: Path, dest: Path) -> None:
+    """The files git sees (tracked, and untracked but not ignored, so uncommitted work is tested too)."""
     out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
                          check=True, capture_output=True).stdout.decode()
-    return [f for f in out.split("\0") if f and (root / f).is_file()]   # a deleted file is still "cached"
+    for f in out.split("\0"):
+        if f and (root / f).is_file():   # a deleted file is still "cached"
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            (dest / f).write_bytes((root / f).read_bytes())
 
 
 def test_generate_in_a_lone_copy(tmp_path):
     copy, guard = tmp_path / "synthalign", tmp_path / "guard"
-    for f in git_files(ROOT):
-        (copy / f).parent.mkdir(parents=True, exist_ok=True)
-        (copy / f).write_bytes((ROOT / f).read_bytes())
+    copy_git_files(ROOT, copy)
     guard.mkdir()
     log = guard / "opened.log"
     (guard / "sitecustomize.py").write_text(GUARD.format(
