@@ -1,4 +1,4 @@
-"""`python -m pipelines.cli` (the tests run the CLI this way, as the `synthalign` script does)."""
+"""`python -m pipelines.cli ...`: the same entry point as the `synthalign` command."""
 import sys
 
 from pipelines.cli import main
