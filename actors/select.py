@@ -58,10 +58,10 @@ class ImageRewardScorer:
     def __init__(self, model: str, device: str = "auto", threads: int = 1):
         setup_torch(threads)
         try:
-            import ImageReward as RM  # optional: pip install image-reward
+            import ImageReward as RM  # optional: the imagereward extra
         except ImportError:
             raise ImportError("selection.scorer 'imagereward' needs the image-reward package "
-                              "(pip install image-reward)") from None
+                              "(pip install 'synthalign[imagereward]')") from None
         self.model = RM.load(model, device=device_for(device))
 
     def score(self, images, texts) -> list[float]:
