@@ -213,7 +213,7 @@ def test_run_train_needs_a_ray_connection(assets, tmp_path):
 # ---------------------------------------------------------------- Ray Train runs
 
 @pytest.mark.slow
-def test_ddp_two_workers_trains_only_lora(ddp_run, assets):
+def test_ddp_two_workers_trains_lora_on_the_language_model_and_the_projector(ddp_run, assets):
     import torch
     from safetensors.torch import load_file
     out, summary = ddp_run
@@ -223,18 +223,22 @@ def test_ddp_two_workers_trains_only_lora(ddp_run, assets):
     paths = train_paths(out)
     assert list(paths["tb"].glob("events.out.tfevents.*"))
 
-    # LoRA weights changed (B starts at zero), nothing else is in the adapter.
+    # The adapter holds LoRA weights of the language model (B starts at zero: they changed) and the projector.
     adapter = load_file(paths["adapter"] / "adapter_model.safetensors")
-    assert adapter and all("lora_" in k for k in adapter)
+    assert adapter and all(("lora_" in k and "language_model" in k) or "multi_modal_projector" in k for k in adapter)
+    assert any("multi_modal_projector" in k for k in adapter) and not any("vision_tower" in k for k in adapter)
     assert max(float(v.abs().max()) for k, v in adapter.items() if "lora_B" in k) > 1e-3
-    # Base weights did not change: the merged model differs from the base only in LoRA-targeted projections.
+    # The merged model differs from the base only in the LoRA-targeted projections of the language model and
+    # in the projector: the vision tower is untouched.
     base = load_file(Path(assets["model"]) / "model.safetensors")
     merged = load_file(paths["merged"] / "model.safetensors")
     assert set(base) == set(merged)
     targeted = ("q_proj", "k_proj", "v_proj", "o_proj")
     changed = {k for k in base if not torch.equal(base[k], merged[k])}
-    assert changed and all(any(t in k for t in targeted) for k in changed), sorted(changed)[:5]
-    assert any("language_model" in k for k in changed)
+    assert changed and all(("language_model" in k and any(t in k for t in targeted)) or "multi_modal_projector" in k
+                           for k in changed), sorted(changed)[:5]
+    assert any("language_model" in k for k in changed) and any("multi_modal_projector" in k for k in changed)
+    assert not any("vision_tower" in k for k in changed)
 
 
 @pytest.mark.slow
