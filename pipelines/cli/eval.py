@@ -34,28 +34,31 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _answering_args(e, batch_size: int) -> None:
+    """What every answering subcommand takes: the model, its adapter and backend, the pool, the Ray address."""
+    e.add_argument("--model", required=True, help="VLM hub id or local folder")
+    e.add_argument("--adapter", help="PEFT LoRA adapter folder (e.g. RUN/train/adapter)")
+    e.add_argument("--backend", choices=["transformers", "vllm"], default="transformers")
+    e.add_argument("--pool-size", type=int, default=1)
+    e.add_argument("--batch-size", type=int, default=batch_size)
+    e.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per answering actor")
+    e.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+    e.add_argument("--json", action="store_true")
+
+
 def add_eval_commands(sub) -> None:
     p = sub.add_parser("eval", help="evaluation and scoring")
     esub = p.add_subparsers(dest="eval_cmd", required=True)
     e = esub.add_parser("pope", help="answer POPE questions with a model (+ adapter), then score them")
     e.add_argument("--questions", required=True, help="POPE question file (JSON Lines)")
     e.add_argument("--image-dir", required=True, help="folder with the images the questions name")
-    e.add_argument("--model", required=True, help="VLM hub id or local folder")
-    e.add_argument("--adapter", help="PEFT LoRA adapter folder (e.g. RUN/train/adapter)")
-    e.add_argument("--backend", choices=["transformers", "vllm"], default="transformers")
+    _answering_args(e, batch_size=16)
     e.add_argument("--out", help="folder for answers.jsonl and metrics.json (default eval/<questions stem>)")
-    e.add_argument("--pool-size", type=int, default=1)
-    e.add_argument("--batch-size", type=int, default=16)
-    e.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per answering actor")
-    e.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
-    e.add_argument("--json", action="store_true")
     e = esub.add_parser("mmhal", help="answer MMHal-Bench with a model (+ adapter), have a judge rate it, score")
     e.add_argument("--template", required=True, help="MMHal-Bench template (JSON array of items)")
     e.add_argument("--image-dir", required=True,
                    help="folder with the photos (named as image_src's file name, or IMAGE_ID.jpg)")
-    e.add_argument("--model", required=True, help="VLM hub id or local folder")
-    e.add_argument("--adapter", help="PEFT LoRA adapter folder (e.g. RUN/train/adapter)")
-    e.add_argument("--backend", choices=["transformers", "vllm"], default="transformers")
+    _answering_args(e, batch_size=8)
     e.add_argument("--judge", required=True,
                    help="OpenAI-compatible base URL (http://HOST:PORT or .../v1) or a causal LM folder / hub id")
     e.add_argument("--judge-model", help="model name sent to the judge endpoint (default gpt-4-0314)")
@@ -63,11 +66,6 @@ def add_eval_commands(sub) -> None:
                                            "(default OPENAI_API_KEY, sent if set)")
     e.add_argument("--max-new-tokens", type=int, default=512, help="answer length limit")
     e.add_argument("--out", help="folder for mmhal_reviews.json and metrics.json (default eval/<template stem>)")
-    e.add_argument("--pool-size", type=int, default=1)
-    e.add_argument("--batch-size", type=int, default=8)
-    e.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per answering actor")
-    e.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
-    e.add_argument("--json", action="store_true")
     e = esub.add_parser("pope-score", help="score POPE answers exactly as the official evaluate.py")
     e.add_argument("--questions", required=True)
     e.add_argument("--answers", required=True)
