@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from actors.common.errors import InputError, Problem
+from actors.common.files import read_user_lines
 from actors.common.objects import EXISTENCE_QUESTION
 from actors.common.seeds import stable_seed
 
@@ -105,12 +106,7 @@ def generate_prompt(seed: int, index: int, max_objects: int, n_instructions: int
 def _read_lines(path: Path) -> list[tuple[int, str]]:
     if not path.is_file():
         raise InputError("file not found", file=str(path))
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        row = path.read_bytes()[: e.start].count(b"\n") + 1
-        raise InputError("not valid UTF-8", file=str(path), row=row) from None
-    lines = [(i, line.strip()) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+    lines = [(i, line.strip()) for i, line in enumerate(read_user_lines(path), 1) if line.strip()]
     if not lines:
         raise InputError("file is empty", file=str(path))
     return lines

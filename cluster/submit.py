@@ -23,6 +23,7 @@ from typing import Iterator
 from urllib.parse import urlparse
 
 from actors.common.errors import InputError
+from actors.common.files import read_user_text
 
 logger = logging.getLogger(__name__)
 
@@ -53,18 +54,14 @@ def read_token() -> tuple[str | None, str]:
     path = os.environ.get("RAY_AUTH_TOKEN_PATH")
     if path:
         # Ray treats an unreadable RAY_AUTH_TOKEN_PATH as fatal (its C++ loader aborts); say so plainly.
-        try:
-            token = Path(path).expanduser().read_text().strip()
-        except OSError as e:
-            raise InputError(f"RAY_AUTH_TOKEN_PATH cannot be read ({e.strerror})", file=path) from None
+        token = read_user_text(Path(path).expanduser(), "RAY_AUTH_TOKEN_PATH").strip()
         if not token:
             raise InputError("RAY_AUTH_TOKEN_PATH names an empty file", file=path)
         return token, "RAY_AUTH_TOKEN_PATH"
     path = default_token_path()
-    try:
-        token = path.read_text().strip()
-    except OSError:
+    if not path.is_file():
         return None, "none"
+    token = read_user_text(path, "the Ray auth token").strip()
     return (token, str(path)) if token else (None, "none")
 
 

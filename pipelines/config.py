@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from actors.common.errors import InputError, Problem, raise_first
+from actors.common.files import read_user_text
 from actors.common.guard import FaultConfig
 from actors.contract import STAGES
 from actors.images import ImagesConfig
@@ -156,10 +157,9 @@ def _read_yaml(path: Path, seen: tuple = ()) -> dict:
     """A config file as data; `extends: other.yaml` (relative to this file) is deep-merged under it."""
     if not path.is_file():
         raise InputError("config file not found", file=str(path))
+    text = read_user_text(path, "config file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise InputError("not valid UTF-8", file=str(path)) from None
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         row = mark.line + 1 if mark else None

@@ -1,4 +1,5 @@
-"""Files a reader never sees half-written (write beside, then rename into place), and path-or-hub-id checks."""
+"""Files a reader never sees half-written (write beside, then rename into place), a user's text files read
+as UTF-8 or refused in one line, and path-or-hub-id checks."""
 from __future__ import annotations
 
 import os
@@ -6,6 +7,36 @@ import shutil
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
+
+from actors.common.errors import InputError
+
+
+def read_user_text(path: str | Path, what: str = "file", *, rows: bool = True) -> str:
+    """A user's text file as UTF-8 (a leading byte-order mark dropped). Unreadable -> InputError "cannot read
+    {what}"; undecodable -> InputError naming the file and the line of the first bad byte: as its `row` when the
+    file's rows are its lines, else (rows=False: a JSON document, whose rows are items) as "line N" in the text."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise InputError(f"cannot read {what}: {e.strerror or e}", file=str(path)) from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        # e.object is what the codec saw (the bytes after a BOM), so e.start indexes it, not `data`.
+        line = e.object.count(b"\n", 0, e.start) + 1
+        bad = f"byte 0x{e.object[e.start]:02x}"
+        if rows:
+            raise InputError(f"not valid UTF-8 ({bad})", file=str(path), row=line) from None
+        raise InputError(f"not valid UTF-8 at line {line} ({bad})", file=str(path)) from None
+
+
+def read_user_lines(path: str | Path, what: str = "file") -> list[str]:
+    """The file's lines, split on "\\n" only ("\\r\\n" too): str.splitlines would also split on U+2028 and other
+    characters JSON allows inside strings, and row numbers would drift from the ones decoding errors give."""
+    lines = read_user_text(path, what).split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
 
 
 @contextmanager

@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 from actors.common.errors import InputError
+from actors.common.files import read_user_lines
 
 # The CHAIR reference vocabulary (80 COCO classes with synonyms), shipped with the package: data/README.md.
 COCO_SYNONYMS = Path(__file__).resolve().parent / "data" / "synonyms_refine.txt"
@@ -57,11 +58,7 @@ class ObjectVocab:
     # ---- construction -------------------------------------------------------------------------------------
     @classmethod
     def from_file(cls, path: str | Path) -> "ObjectVocab":
-        try:
-            lines = Path(path).read_text(encoding="utf-8").splitlines()
-        except OSError as e:
-            raise InputError(f"cannot read object vocabulary: {e.strerror or e}", file=str(path)) from None
-        return cls.from_lines(lines, file=str(path))
+        return cls.from_lines(read_user_lines(path, "object vocabulary"), file=str(path))
 
     @classmethod
     def from_lines(cls, lines, *, file: str | None = None) -> "ObjectVocab":

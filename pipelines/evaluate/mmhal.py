@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from actors.common.errors import InputError
+from actors.common.files import read_user_text
 
 TEMPLATE_FIELDS = {"question_type": str, "question_topic": str, "image_id": str, "image_src": str,
                    "image_content": list, "question": str, "gt_answer": str, "model_answer": str}
@@ -125,11 +126,10 @@ def mmhal_metrics(items_with_ratings: list[dict]) -> dict:
 
 def load_template(path: str | Path, *, extra_fields: dict[str, type] | None = None) -> list[dict]:
     """A JSON array of MMHal-Bench items; errors name the item by row = array index + 1."""
+    text = read_user_text(path, "MMHal-Bench file", rows=False)   # rows here are items, not lines
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as e:
-        raise InputError(f"cannot read MMHal-Bench file: {e.strerror or e}", file=str(path)) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
         raise InputError(f"not valid JSON: {e}", file=str(path)) from None
     if not isinstance(data, list) or not data:
         raise InputError("expected a non-empty JSON array of items", file=str(path))

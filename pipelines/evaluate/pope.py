@@ -19,6 +19,7 @@ from itertools import combinations
 from pathlib import Path
 
 from actors.common.errors import InputError
+from actors.common.files import read_user_lines
 from actors.common.objects import (
     EXISTENCE_QUESTION,
     POPE_STRATEGIES,
@@ -63,11 +64,7 @@ def pope_metrics(labels: list[str], preds: list[str]) -> dict:
 
 def _read_jsonl(path: str | Path, what: str):
     """Yield (row, object) for each non-blank line; rows are 1-based line numbers."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise InputError(f"cannot read {what} file: {e.strerror or e}", file=str(path)) from None
-    for row, line in enumerate(lines, start=1):
+    for row, line in enumerate(read_user_lines(path, f"{what} file"), start=1):
         if not line.strip():
             continue
         try:

@@ -10,7 +10,8 @@ official rule (`parse_pope_answer`, `pope_metrics`). CHAIR_i / CHAIR_s score gre
 
 Answers are generated in-process with transformers (the models are small; a Ray actor pool would cost more
 to start than the answering takes; `synthalign eval pope` is the Ray Data path for big models).
-`eval/summary.json` holds both models' numbers; `eval/answers-*.jsonl` every question and answer.
+`eval/summary.json` holds both models' numbers; `eval/answers-*.jsonl` every question and answer (POPE ones with
+their label and strategies, captions with the image's objects), enough to recompute them.
 """
 from __future__ import annotations
 
@@ -105,7 +106,15 @@ def evaluate_model(backend, data: dict, cfg: WorldEvalConfig) -> tuple[dict, lis
     metrics = {"pope": pope, "pope_by_strategy": by_strategy,
                "chair": {"chair_i": ch["chair_i"], "chair_s": ch["chair_s"], "mentioned": ch["mentioned"],
                          "hallucinated": ch["hallucinated"], "coverage": sum(covered) / n}}
-    records = [{"image": i, "question": q, "answer": said[(i, q)]} for i, q in unique]
+    # Each POPE record carries its label and the strategies that ask it (a present object's question is in all
+    # three), so the numbers in summary.json can be recomputed from the answer file alone.
+    labels, asked_in = {}, {}
+    for s, rows in data["pope"].items():
+        for i, q, lab in rows:
+            labels[(i, q)] = lab
+            asked_in.setdefault((i, q), []).append(s)
+    records = [{"image": i, "question": q, "answer": said[(i, q)], "label": labels[(i, q)],
+                "strategies": asked_in[(i, q)]} for i, q in unique]
     records += [{"image": i, "question": shapes.CAPTION_INSTRUCTION, "answer": c, "gt_objects": g}
                 for i, (c, g) in enumerate(zip(captions, data["gt_objects"]))]
     return metrics, records

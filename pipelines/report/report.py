@@ -34,8 +34,14 @@ def _plot(path: Path, draw) -> Path:
     return path
 
 
+def _binnable(values: list) -> list:
+    # Values equal but for the last bits (z-scored rewards often are) make a range numpy cannot cut into bins;
+    # rounded, they are equal and numpy draws one bin around them.
+    return [round(v, 9) for v in values]
+
+
 def _rewards(ax, pairs: Path):
-    chosen, rejected = _column(pairs, "chosen_reward"), _column(pairs, "rejected_reward")
+    chosen, rejected = _binnable(_column(pairs, "chosen_reward")), _binnable(_column(pairs, "rejected_reward"))
     ax.hist([chosen, rejected], bins=20, label=["chosen", "rejected"], alpha=0.8)
     ax.set_xlabel("combined reward")
     ax.set_ylabel("pairs")
@@ -43,7 +49,7 @@ def _rewards(ax, pairs: Path):
 
 
 def _margins(ax, pairs: Path):
-    ax.hist(_column(pairs, "margin"), bins=20, color="tab:green")
+    ax.hist(_binnable(_column(pairs, "margin")), bins=20, color="tab:green")
     ax.set_xlabel("margin (chosen - rejected)")
     ax.set_ylabel("pairs")
 

@@ -5,7 +5,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from actors.common.errors import Problem
+from actors.common.errors import InputError, Problem
+from actors.common.files import read_user_text
 from cluster.resources import WorkersConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -120,7 +121,7 @@ class TrainConfig:
         if self.deepspeed is not None:
             try:
                 load_deepspeed_config(self.deepspeed)
-            except (OSError, ValueError) as e:
+            except (OSError, ValueError, InputError) as e:
                 errs.append(Problem("train.deepspeed", f"{e}"))
         if self.weight_decay < 0 or self.max_grad_norm < 0:
             errs.append(Problem("train.weight_decay", "weight_decay and max_grad_norm must be >= 0"))
@@ -138,10 +139,11 @@ def resolve_deepspeed_path(path: str) -> Path:
 def load_deepspeed_config(path: str) -> dict:
     """Read a DeepSpeed JSON; the dict (not the path) goes to the workers so other nodes need no file."""
     p = resolve_deepspeed_path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no DeepSpeed config at {p}")
+    text = read_user_text(p, "DeepSpeed config", rows=False)
     try:
-        data = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no DeepSpeed config at {p}") from None
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{p} is not valid JSON: {e}") from None
     if not isinstance(data, dict) or "zero_optimization" not in data:

@@ -9,6 +9,8 @@ groups' maximum size must cover the sum of what is pinned to them.
 from __future__ import annotations
 
 import json
+import re
+import tomllib
 from collections import defaultdict
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import pytest
 import ray
 import yaml
 from conftest import ROOT
+from packaging.specifiers import SpecifierSet
 
 CLUSTER = ROOT / "cluster"
 LAUNCHER = CLUSTER / "launcher" / "aws-gpu.yaml"
@@ -99,6 +102,11 @@ def demands(cfg) -> list[tuple[str, dict, int]]:
     return out
 
 
+def _load_config(path: Path):
+    from pipelines.config import load_config
+    return load_config(path)
+
+
 def fits(per: dict, node: dict) -> bool:
     return all(node.get(r, 0) >= amount for r, amount in per.items() if amount)
 
@@ -138,10 +146,6 @@ def test_paper_pools_are_pinned_to_gpu_groups():
             assert set(per) & NODE_GROUPS and per.get("GPU"), f"{name} {what}: {per}"
 
 
-def test_only_known_cluster_configs_are_shipped():
-    assert set(CLUSTER_YAMLS) == {LAUNCHER, RAYCLUSTER, RAYJOB}
-
-
 def test_launcher_config_passes_rays_own_schema():
     from ray.autoscaler._private.util import prepare_config, validate_config
     raw = load(LAUNCHER)
@@ -151,10 +155,19 @@ def test_launcher_config_passes_rays_own_schema():
     assert {r for node, _ in groups.values() for r in node} >= NODE_GROUPS
     assert all(node.get("GPU", 0) > 0 for node, _ in groups.values())
     assert raw["max_workers"] >= sum(n for _, n in groups.values())
-    assert raw["docker"]["image"].startswith(f"rayproject/ray:{ray.__version__}-py311")
+    assert raw["docker"]["image"].startswith(f"rayproject/ray:{ray.__version__}-py311")   # the client's Ray
+    # The nodes install this project with the extra the GPU configs need (vllm backends), and a torch the
+    # project's own range allows.
     setup = " && ".join(raw["setup_commands"])
-    assert "pip install -q torch==" in setup and "pip install -q -e" in setup and "[vllm]" in setup
-    # Token auth: the token file goes to every node and every `ray start` asks for token mode.
+    assert "pip install -q -e" in setup
+    if any(s.backend == "vllm" for c in RUN_CONFIGS for s in _load_config(c).samplers):
+        assert "[vllm]" in setup
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    torch_range = SpecifierSet(next(d for d in deps if d.startswith("torch"))[len("torch"):])
+    pinned = re.search(r"torch==([\w.]+)", setup)
+    assert pinned and pinned.group(1) in torch_range, (pinned, torch_range)
+    # Security properties, not values: the token file goes to every node, every `ray start` asks for token mode,
+    # the dashboard (Jobs API) listens on loopback only.
     assert raw["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
     for cmd in raw["head_start_ray_commands"][1:] + raw["worker_start_ray_commands"][1:]:
         assert "RAY_AUTH_MODE=token ray start" in cmd
@@ -165,6 +178,8 @@ def test_launcher_config_passes_rays_own_schema():
 @pytest.mark.parametrize("path", [RAYCLUSTER, RAYJOB], ids=lambda p: p.name)
 def test_kuberay_manifests(path):
     doc = load(path)
+    # ray.io/v1 is the KubeRay operator's API (v1alpha1 is gone); the rest are properties, not copied values:
+    # token auth on, the head's service inside the cluster only, the client's Ray version everywhere.
     assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == {RAYCLUSTER: "RayCluster", RAYJOB: "RayJob"}[path]
     spec = kuberay_cluster_spec(doc)
     assert spec["authOptions"] == {"mode": "token"}
@@ -172,7 +187,6 @@ def test_kuberay_manifests(path):
     assert spec["headGroupSpec"]["serviceType"] == "ClusterIP"
     head, groups = groups_of(path)
     assert not {"GPU", *NODE_GROUPS} & set(head)
-    assert set(groups) == {"diffusion", "sampling", "reward", "train"}
     assert {r for node, _ in groups.values() for r in node} >= NODE_GROUPS
     for name, g in ((g["groupName"], g) for g in spec["workerGroupSpecs"]):
         assert g["minReplicas"] <= g["replicas"] <= g["maxReplicas"], name

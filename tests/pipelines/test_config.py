@@ -12,8 +12,11 @@ from pipelines.config import load_config
 SHIPPED = sorted((ROOT / "configs").glob("*.yaml"))
 
 
-def test_ships_the_expected_configs():
-    assert {p.stem for p in SHIPPED} >= {"tiny", "paper", "pairs-2k", "pairs-9k"}
+def test_every_config_the_docs_name_is_shipped():
+    import re
+    named = {m for doc in ("README.md", "BENCHMARKS.md")
+             for m in re.findall(r"configs/[\w.-]+\.yaml", (ROOT / doc).read_text())}
+    assert named and named <= {f"configs/{p.name}" for p in SHIPPED}, named
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
@@ -23,28 +26,34 @@ def test_every_shipped_config_loads(path):
 
 
 def test_paper_recipe():
+    """Published facts only (PDS-DPO, arXiv 2412.17417): SD3-Medium at guidance 5/7/9/11 with 28 steps, LLaVA-1.6
+    samplers, ArmoRM as the reward model, LoRA r=128 alpha=256 on LLaVA-1.5-7B, lr 1e-5, beta 0.1, 2 epochs,
+    ZeRO-2. A change here changes what the config claims to reproduce; pools, dtypes and sampling settings are
+    ours to tune and are not pinned here."""
+    from pipelines.train.config import load_deepspeed_config
     cfg = load_config(ROOT / "configs" / "paper.yaml")
     assert cfg.images.model == "stabilityai/stable-diffusion-3-medium-diffusers"
     assert cfg.images.guidance_scales == [5.0, 7.0, 9.0, 11.0] and cfg.images.steps == 28
     assert [s.model for s in cfg.samplers] == ["llava-hf/llava-v1.6-mistral-7b-hf",
                                                "llava-hf/llava-v1.6-vicuna-13b-hf",
                                                "llava-hf/llava-v1.6-vicuna-7b-hf"]
-    assert all(s.n == 1 and s.temperature == 0 for s in cfg.samplers)
     assert cfg.rewards.text_model == "RLHFlow/ArmoRM-Llama3-8B-v0.1"
-    assert cfg.pool("images").num_gpus == 1
     t = cfg.train
     assert (t.model, t.lora.r, t.lora.alpha, t.learning_rate, t.beta, t.num_train_epochs) == \
         ("llava-hf/llava-1.5-7b-hf", 128, 256, 1e-5, 0.1, 2.0)
-    assert t.deepspeed.endswith("zero2.json") and t.bf16
+    assert load_deepspeed_config(t.deepspeed)["zero_optimization"]["stage"] == 2   # the file, not its name
 
 
-def test_2k_and_9k_differ_only_in_counts_pools_and_output():
-    a, b = (load_config(ROOT / "configs" / f"pairs-{n}.yaml").to_dict() for n in ("2k", "9k"))
-    differing = {k for k in a if a[k] != b[k]}
-    assert differing <= {"prompts", "pools", "output_dir"}
+@pytest.mark.parametrize("name,pairs", [("pairs-2k", 2000), ("pairs-9k", 9000)])
+def test_pair_configs_are_the_paper_recipe_at_another_size(name, pairs):
+    """What their header says: paper.yaml with other counts, pools and output folder, nothing else; and enough
+    image-questions for the pairs the name promises (a pair comes from one image-question at most)."""
+    paper, cfg = load_config(ROOT / "configs" / "paper.yaml"), load_config(ROOT / "configs" / f"{name}.yaml")
+    a, b = paper.to_dict(), cfg.to_dict()
+    assert {k for k in a if a[k] != b[k]} <= {"prompts", "pools", "output_dir"}
     a["prompts"].pop("num_prompts"), b["prompts"].pop("num_prompts")
     assert a["prompts"] == b["prompts"]
-    assert load_config(ROOT / "configs" / "pairs-9k.yaml").prompts.num_prompts == 9000
+    assert cfg.prompts.num_prompts * cfg.prompts.instructions_per_prompt >= pairs
 
 
 def write(tmp_path: Path, text: str) -> Path:

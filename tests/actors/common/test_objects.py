@@ -12,6 +12,7 @@ def vocab(coco_vocab):
 
 
 def test_real_file_loads_80_classes(vocab):
+    # Published facts: COCO's 80 classes in their order, with the synonyms of CHAIR's synonyms_refine.txt.
     assert len(vocab.classes) == 80
     assert vocab.classes[:3] == ["person", "bicycle", "car"]
     assert vocab.classes[-1] == "toothbrush"

@@ -73,7 +73,9 @@ def test_unparseable_prompt_is_refused():
 
 def test_vocab_and_existence_claims():
     vocab = shapes.object_vocab()
-    assert len(vocab.classes) == 12
+    assert len(vocab.classes) == len(shapes.COLOURS) * len(shapes.SHAPES)   # every drawable object, named once
+    for c in shapes.CLASSES:                                                 # found by its name, plural too
+        assert [cls for _, cls in vocab.find(f"a {c} and two {c}s")] == [c, c], c
     assert vocab.mentions("There are two red circles and a blue square.") == ["red circle", "blue square"]
     q = shapes.existence_question("green triangle")
     assert vocab.asserted(q, "Yes") == ["green triangle"] and vocab.asserted(q, "No") == []

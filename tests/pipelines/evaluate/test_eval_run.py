@@ -77,6 +77,7 @@ def test_missing_images_are_named(pope_set, tmp_path):
 
 
 def test_llava15_suffix():
+    # A published fact: LLaVA-1.5's POPE prompt (model_vqa_loader), which its reported numbers depend on.
     assert POPE_SUFFIX == "\nAnswer the question using a single word or phrase."
 
 

@@ -57,3 +57,16 @@ def test_missing_training_and_eval_are_said(tmp_path):
 def test_not_a_run(tmp_path):
     with pytest.raises(InputError, match="no manifest.json"):
         write_report(tmp_path)
+
+
+def test_margins_equal_up_to_rounding_still_plot(tmp_path):
+    # z-scored rewards of 3 answers give the same margin in every pair, up to the last bit (a shapes run's pairs);
+    # numpy cannot cut a 4e-16 range into 20 bins.
+    run = fake_run(tmp_path / "run")
+    same = [2.121320343559643, 2.1213203435596424, 2.121320343559643]
+    pq.write_table(pa.table({"chosen_reward": [0.7071067811865475, 0.7071067811865476, 0.7071067811865475],
+                             "rejected_reward": [-1.4142135623730951, -1.414213562373095, -1.4142135623730951],
+                             "margin": same, "chosen_model": ["a"] * 3, "rejected_model": ["b"] * 3}),
+                   run / "pairs" / "part-0.parquet")
+    md, _ = write_report(run)
+    assert Image.open(run / "report" / "margins.png").size[0] > 0 and "report/margins.png" in md.read_text()

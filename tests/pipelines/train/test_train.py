@@ -202,12 +202,31 @@ def test_run_train_rejects_bad_input_before_starting_anything(assets, tmp_path):
     assert not (tmp_path / "train").exists()
 
 
+NO_RAY_CHILD = """
+import sys
+import ray
+from pipelines.train.config import TrainConfig
+from pipelines.train.job import run_train
+try:
+    run_train(TrainConfig(model=sys.argv[1], max_steps=2), sys.argv[2], sys.argv[3])
+except RuntimeError as e:
+    print("refused:", e)
+print("ray initialized:", ray.is_initialized())
+"""
+
+
 def test_run_train_needs_a_ray_connection(assets, tmp_path):
-    import ray
-    if ray.is_initialized():
-        pytest.skip("a Ray connection already exists in this process")
-    with pytest.raises(RuntimeError, match="ray.init"):
-        run_train(tiny_cfg(assets), str(assets["data"]), str(tmp_path))
+    """Library code never starts Ray: without a connection run_train refuses before writing anything. In a child
+    process, which has no connection whatever this one has (a whole run has the session's Ray up)."""
+    import os
+    import subprocess
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    r = subprocess.run([sys.executable, "-c", NO_RAY_CHILD, str(assets["model"]), str(assets["data"]),
+                        str(tmp_path / "out")], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "refused: run_train needs a Ray connection: call ray.init() first" in r.stdout, r.stdout + r.stderr[-3000:]
+    assert "ray initialized: False" in r.stdout
+    assert not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------- Ray Train runs
