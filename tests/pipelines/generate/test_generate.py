@@ -43,7 +43,7 @@ def test_row_counts_and_manifest(run):
     cands = read(f"{cfg.output_dir}/candidates")
     assert cands.num_rows == c["answers"]
     on_disk = json.loads(open(f"{cfg.output_dir}/manifest.json").read())
-    assert on_disk["config_hash"] == cfg.hash() and on_disk["versions"]["ray"] == "2.60.0"
+    assert on_disk["data_hash"] == cfg.hash() and on_disk["versions"]["ray"] == "2.60.0"
     assert on_disk["status"] == "complete"
 
 
