@@ -1,5 +1,8 @@
 """Scale: does memory grow with the dataset? Training worker and driver peak RSS at two dataset sizes.
 
+Workers report two figures: peak RSS (ru_maxrss, which also counts the pages of the memory-mapped records they
+have read: page cache the kernel reclaims at will) and peak anonymous RSS (the memory the process really holds).
+
 Pairs of incompressible (noise) PNGs at a real image size, written in row groups so that making them holds one
 group at a time; then `run_train` for a few steps with 2 workers in a driver subprocess of its own (its peak RSS
 is the driver's), each worker reporting its own peak RSS in summary.json.
@@ -51,6 +54,7 @@ def train_child(address: str, model: str, data: str, out: str, steps: int) -> di
     t0 = time.time()
     summary = run_train(cfg, data, out, resume=False)
     return {"seconds": round(time.time() - t0, 1), "worker_peak_rss_mb": summary["peak_rss_mb_by_rank"],
+            "worker_peak_anon_mb": summary["peak_anon_mb_by_rank"],
             "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "rows_used": summary["rows_used"], "steps": summary["steps"]}
 
@@ -72,5 +76,6 @@ def bench_scale(work: Path, tiny: Path, sizes=(1000, 16000), px: int = 512, step
     small, big = runs[0], runs[-1]
     return {"px": px, "steps": steps, "runs": runs, "pairs_ratio": round(big["pairs"] / small["pairs"], 2),
             "worker_rss_ratio": round(max(big["worker_peak_rss_mb"]) / max(small["worker_peak_rss_mb"]), 3),
+            "worker_anon_ratio": round(max(big["worker_peak_anon_mb"]) / max(small["worker_peak_anon_mb"]), 3),
             "driver_rss_ratio": round(big["driver_peak_rss_mb"] / small["driver_peak_rss_mb"], 3),
             "load_avg_after": load_avg()}

@@ -106,6 +106,11 @@ def _checkpoint_step(ckpt_dir: str) -> int:
 
 
 def train_loop(config: dict) -> None:
+    with PeakAnonymousMemory() as memory:
+        _train(config, memory)
+
+
+def _train(config: dict, memory: PeakAnonymousMemory) -> None:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     import ray.train
     import torch
@@ -147,6 +152,8 @@ def train_loop(config: dict) -> None:
         trainer.save_model(paths["adapter"])
         checksums = _replica_checksums(trainer, ds_config)
         peak_rss = _gather(round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+        memory.sample()
+        peak_anon = _gather(round(memory.peak, 1))
         if trainer.is_world_process_zero():
             processor.save_pretrained(paths["adapter"])
             trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
@@ -167,10 +174,42 @@ def train_loop(config: dict) -> None:
                 "gradient_accumulation_steps": args.gradient_accumulation_steps,
                 "distributed_type": str(trainer.accelerator.distributed_type).split(".")[-1],
                 "num_processes": trainer.accelerator.num_processes, "replica_checksums": checksums,
-                "peak_rss_mb_by_rank": peak_rss,
+                "peak_rss_mb_by_rank": peak_rss, "peak_anon_mb_by_rank": peak_anon,
             }, indent=2))
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
+
+
+class PeakAnonymousMemory:
+    """Peak anonymous RSS (MB) of this process while active, sampled: ru_maxrss also counts the pages of the
+    memory-mapped records a worker has read, which the kernel reclaims at will."""
+
+    def __init__(self, every: float = 0.2):
+        import threading
+        self.every, self.peak, self.done = every, 0.0, threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> None:
+        try:
+            for line in open("/proc/self/status"):
+                if line.startswith("RssAnon:"):
+                    self.peak = max(self.peak, int(line.split()[1]) / 1024)
+        except OSError:   # not Linux: the figure stays 0
+            pass
+
+    def _run(self) -> None:
+        while not self.done.wait(self.every):
+            self.sample()
+
+    def __enter__(self):
+        self.sample()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        self.thread.join()
+        self.sample()
 
 
 def _gather(value) -> list:
