@@ -132,17 +132,16 @@ def score_answers(rm, clip, vocab, torch, cfg, questions, best, out: Path) -> No
     write_jsonl(out / "rewards.jsonl", scored)
 
 
-def write_pairs(best, min_margin: float, out: Path) -> int:
+def write_pairs(best, min_margin: float, out: Path) -> tuple[int, int]:
     """pairs/pairs.parquet: highest vs lowest reward among the distinct non-empty answers."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    pairs = []
+    pairs, dropped = [], 0
     for q in read_jsonl(out / "rewards.jsonl"):
         idx = [i for i, a in enumerate(q["answers"]) if a]
-        if len({q["answers"][i] for i in idx}) < 2:
-            continue
-        hi, lo = max(idx, key=q["reward"].__getitem__), min(idx, key=q["reward"].__getitem__)
-        if q["reward"][hi] - q["reward"][lo] < min_margin:
+        hi, lo = (max(idx, key=q["reward"].__getitem__), min(idx, key=q["reward"].__getitem__)) if idx else (0, 0)
+        if len({q["answers"][i] for i in idx}) < 2 or q["reward"][hi] - q["reward"][lo] < min_margin:
+            dropped += 1
             continue
         b = best[q["prompt_id"]]
         pairs.append({"pair_id": q["pair_key"], "prompt_id": q["prompt_id"], "question": q["question"],
@@ -151,13 +150,25 @@ def write_pairs(best, min_margin: float, out: Path) -> int:
                       "rejected_model": q["models"][lo], "margin": q["reward"][hi] - q["reward"][lo]})
     (out / "pairs").mkdir(exist_ok=True)
     pq.write_table(pa.Table.from_pylist(pairs), out / "pairs" / "pairs.parquet")
-    return len(pairs)
+    return len(pairs), dropped
 
 
-def run_loop(cfg, rows: list[dict], out: Path, batch: int = 4) -> dict:
+def run_loop(cfg, rows: list[dict], out: Path, batch: int = 4, threads: int | None = 1) -> dict:
     """Run the chain over `rows` (prompt rows) into `out`, B = `batch` prompts per model call; returns the
-    seconds per stage (model loading included) and the counts."""
+    seconds per stage (model loading included) and the counts. `threads`: torch threads (None: torch's
+    default, one per core). One is the loop's best on our 2-core machines: two took 1.5-15x the wall time
+    for 32 prompts, the more so the busier the machine (BENCHMARKS.md)."""
     import torch
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        return _run(cfg, rows, out, batch, torch)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(cfg, rows, out, batch, torch) -> dict:
     from diffusers import DiffusionPipeline
     from transformers import (
         AutoModelForImageTextToText,
@@ -168,7 +179,6 @@ def run_loop(cfg, rows: list[dict], out: Path, batch: int = 4) -> dict:
     )
 
     from actors.common.objects import COCO_SYNONYMS, ObjectVocab
-    (out / "images").mkdir(parents=True, exist_ok=True)
     seconds, t = {}, time.time()
     sd = DiffusionPipeline.from_pretrained(cfg.images.model)
     sd.set_progress_bar_config(disable=True)
@@ -201,11 +211,11 @@ def run_loop(cfg, rows: list[dict], out: Path, batch: int = 4) -> dict:
         lap("sampling")
         score_answers(rm, clip, vocab, torch, cfg, questions, best, out)
         lap("rewards")
-    n_pairs = write_pairs(best, cfg.pairs.min_margin, out)
+    n_pairs, n_dropped = write_pairs(best, cfg.pairs.min_margin, out)
     lap("pairs")
     return {"seconds": round(sum(seconds.values()), 2), "stage_seconds": {k: round(v, 2) for k, v in seconds.items()},
             "prompts": len(rows), "questions": sum(len(q) for q in questions), "pairs": n_pairs,
-            "torch_threads": torch.get_num_threads()}
+            "dropped": n_dropped, "torch_threads": torch.get_num_threads()}
 
 
 def main(argv=None) -> int:
@@ -218,6 +228,7 @@ def main(argv=None) -> int:
     p.add_argument("config")
     p.add_argument("--out", required=True)
     p.add_argument("--batch", type=int, default=4, help="prompts per model call")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default, one per core)")
     p.add_argument("--set", action="append", default=[], help="config override key=value")
     args = p.parse_args(argv)
     cfg = load_config(args.config, [f"output_dir={args.out}"] + args.set)
@@ -225,7 +236,8 @@ def main(argv=None) -> int:
         from pipelines.models.tiny import make_tiny
         make_tiny(cfg.tiny_models)
     vocab = ObjectVocab.from_file(cfg.rewards.synonyms_file or COCO_SYNONYMS)
-    print(json.dumps(run_loop(cfg, load_prompts(cfg.prompts, mentions=vocab.mentions), Path(args.out), args.batch)))
+    print(json.dumps(run_loop(cfg, load_prompts(cfg.prompts, mentions=vocab.mentions), Path(args.out), args.batch,
+                              args.threads or None)))
     return 0
 
 

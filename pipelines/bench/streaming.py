@@ -50,9 +50,10 @@ def compare_images(loop_dir: Path, pipe_dir: Path) -> dict:
             "image_max_level_diff": max(diff, default=0)}
 
 
-def bench_streaming(work: Path, tiny: Path, n_prompts: int = 2048, overrides=(), batch: int = 4) -> dict:
-    """Pipeline vs the plain loop (loop.py, `batch` prompts per model call) on the same prompt rows, back to
-    back in this process (the loop first)."""
+def bench_streaming(work: Path, tiny: Path, n_prompts: int = 2048, overrides=(), batch: int = 4,
+                    loop_threads: int | None = 1) -> dict:
+    """Pipeline vs the plain loop (loop.py, `batch` prompts per model call, `loop_threads` torch threads: its
+    best here) on the same prompt rows, back to back in this process (the loop first)."""
     from pipelines.bench.loop import run_loop
     from pipelines.folder import RunFolder
     from pipelines.generate.job import prepare, run_generate
@@ -62,7 +63,7 @@ def bench_streaming(work: Path, tiny: Path, n_prompts: int = 2048, overrides=(),
     load0 = load_avg()
     shutil.rmtree(work / "stream-loop", ignore_errors=True)
     with CpuMeter() as loop_cpu:
-        loop = run_loop(cfg, rows, work / "stream-loop", batch)
+        loop = run_loop(cfg, rows, work / "stream-loop", batch, loop_threads)
     t0 = time.time()
     with CpuMeter() as pipe_cpu:
         manifest = run_generate(cfg, prepared=(rows, vocab, Path(cfg.output_dir)))
@@ -78,6 +79,8 @@ def bench_streaming(work: Path, tiny: Path, n_prompts: int = 2048, overrides=(),
                                                                            key=lambda kv: -kv[1]) if v >= 0.5},
             "questions": manifest["counts"]["questions"], "loop_questions": loop["questions"],
             "pairs": manifest["counts"]["pairs"], "loop_pairs": loop["pairs"],
+            "dropped": sum(manifest["counts"]["dropped"].values()), "errors": manifest["counts"]["errors"],
+            "loop_dropped": loop["dropped"],
             **compare_images(work / "stream-loop" / "pairs", Path(cfg.output_dir) / "pairs"),
             "load_avg_before": load0, "load_avg_after": load_avg()}
 

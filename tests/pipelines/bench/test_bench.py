@@ -33,7 +33,9 @@ def test_streaming_keys_and_values(results):
     # the same: every question answered and paired, from the same candidate seeds, so where both kept the
     # same candidate the images agree up to float rounding.
     assert s["questions"] == s["loop_questions"] == 16
-    assert s["pairs"] == s["loop_pairs"] > 0
+    # (the pipeline quarantines a row whose sampler gave only empty answers; the loop keeps what it got)
+    assert s["pairs"] + s["dropped"] + s["errors"] == s["loop_pairs"] + s["loop_dropped"] == 16
+    assert s["pairs"] > 8 and s["loop_pairs"] > 8  # random tiny models rarely give identical answers
     assert s["best_seed_agreement"] >= 0.75 and s["image_max_level_diff"] <= 2
     assert set(s["loop_stage_seconds"]) == {"load", "images", "selection", "sampling", "rewards", "pairs"}
 
@@ -63,10 +65,12 @@ def test_loop_runs_as_a_script(tiny_models, tmp_path, capsys):
     assert main([str(ROOT / "configs" / "tiny.yaml"), "--out", str(tmp_path), "--batch", "2",
                  *[a for x in sets for a in ("--set", x)]]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert printed["prompts"] == 3 and printed["questions"] == 3 and printed["pairs"] == 3
+    assert printed["prompts"] == 3 and printed["questions"] == 3 and printed["pairs"] + printed["dropped"] == 3
+    assert printed["torch_threads"] == 1
     import pyarrow.parquet as pq
     pairs = pq.read_table(tmp_path / "pairs" / "pairs.parquet").to_pylist()
-    assert sorted(p["pair_id"] for p in pairs) == sorted(f"{p}-q0" for p in {x["prompt_id"] for x in pairs})
+    assert len(pairs) == printed["pairs"] > 0
+    assert all(p["pair_id"] == f"{p['prompt_id']}-q0" for p in pairs)
     assert all(p["chosen"] != p["rejected"] and p["image"][:4] == b"\x89PNG" for p in pairs)
 
 
