@@ -105,10 +105,11 @@ class ImageSynthesis:
     def _process(self, batch):
         """Candidate k of a prompt is seeded `candidate_seed(prompt_id, k, seed)` and rendered at its guidance
         scale in a call of exactly `batch_size` images. diffusers computes each image of a call from its own
-        latents and generator; on diffusers 0.42 with torch 2.13 on CPU an image's result does not depend on its position
-        or on the other images of a call of that size (bitwise), while a different call size changes it by
-        float rounding (at most a level or two of 255). Fixed-size calls thus make the bytes a function of
-        the config and the row, whatever rows Ray or a resume put together (tests/actors/test_images_batch.py)."""
+        latents and generator; on diffusers 0.42 with torch 2.13 on CPU, an image's result does not depend on
+        its position or on the other images of a call of that size (bitwise), while another call size changes
+        it by float rounding (a level of 255 at most, measured). Fixed-size calls thus make the bytes a
+        function of the config and the row, whatever rows Ray or a resume put together
+        (tests/actors/test_images_batch.py)."""
         cfg = self.cfg
         pids = batch.column("prompt_id").to_pylist()
         prompts = batch.column("image_prompt").to_pylist()
