@@ -22,6 +22,10 @@ class ImagesConfig:
     model: str = ""                    # diffusers pipeline: hub id or local folder
     guidance_scales: list[float] = field(default_factory=lambda: [5.0, 7.0, 9.0, 11.0])
     per_scale: int = 1                 # candidates per guidance scale
+    # Images per diffusers call, all at one guidance scale. Every call renders exactly this many (a short one
+    # is padded with copies of its last image), so an image is computed the same way whichever rows arrive
+    # together (Ray's batching, a resume); see _process. Size it to the accelerator's memory.
+    batch_size: int = 4
     steps: int = 28
     height: int = 1024
     width: int = 1024
@@ -38,8 +42,8 @@ class ImagesConfig:
             errs.append(Problem("images.model", "required"))
         if not self.guidance_scales:
             errs.append(Problem("images.guidance_scales", "must list at least one guidance scale"))
-        if self.per_scale < 1 or self.steps < 1 or self.height < 8 or self.width < 8:
-            errs.append(Problem("images", "per_scale and steps must be >= 1, height and width >= 8"))
+        if self.per_scale < 1 or self.steps < 1 or self.batch_size < 1 or self.height < 8 or self.width < 8:
+            errs.append(Problem("images", "per_scale, steps and batch_size must be >= 1, height and width >= 8"))
         return errs
 
     @property
@@ -79,35 +83,48 @@ class ImageSynthesis:
         _warn_once("diffusers", "The following part of your input was truncated")
 
     def render(self, prompt: str, guidance: float, seed: int):
+        """One image, alone in its call (not padded: e.g. an evaluation image no run renders)."""
+        return self.render_batch([prompt], [seed], guidance)[0]
+
+    def render_batch(self, prompts: list[str], seeds: list[int], guidance: float) -> list:
+        """One diffusers call: image i from prompts[i] with its own generator seeded seeds[i]."""
         if self.cfg.backend == "shapes":
             from actors.common.shapes import render
-            return render(prompt, seed, self.cfg.width, self.cfg.height)
-        gen = self.torch.Generator(device="cpu").manual_seed(seed)
-        kwargs = dict(prompt=prompt, guidance_scale=guidance, num_inference_steps=self.cfg.steps,
-                      height=self.cfg.height, width=self.cfg.width, generator=gen)
+            return [render(p, s, self.cfg.width, self.cfg.height) for p, s in zip(prompts, seeds)]
+        gens = [self.torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+        kwargs = dict(prompt=list(prompts), guidance_scale=guidance, num_inference_steps=self.cfg.steps,
+                      height=self.cfg.height, width=self.cfg.width, generator=gens)
         if self.cfg.negative_prompt:
-            kwargs["negative_prompt"] = self.cfg.negative_prompt
-        return self.pipe(**kwargs).images[0]
+            kwargs["negative_prompt"] = [self.cfg.negative_prompt] * len(prompts)
+        with self.torch.inference_mode():
+            return self.pipe(**kwargs).images
 
     def __call__(self, batch):
         return guarded("images", batch, self._process)
 
     def _process(self, batch):
-        images, seeds, scales = [], [], []
-        for pid, prompt in zip(batch.column("prompt_id").to_pylist(), batch.column("image_prompt").to_pylist()):
-            row_imgs, row_seeds, row_scales = [], [], []
-            # One call per candidate: the bytes then depend only on (prompt_id, k), never on how
-            # Ray Data happened to batch the rows.
-            for k in range(self.cfg.num_candidates):
-                g = self.cfg.guidance_scales[k // self.cfg.per_scale]
-                s = candidate_seed(pid, k, self.cfg.seed)
-                with self.torch.inference_mode():
-                    row_imgs.append(png_bytes(self.render(prompt, g, s)))
-                row_seeds.append(s)
-                row_scales.append(float(g))
-            images.append(row_imgs)
-            seeds.append(row_seeds)
-            scales.append(row_scales)
+        """Candidate k of a prompt is seeded `candidate_seed(prompt_id, k, seed)` and rendered at its guidance
+        scale in a call of exactly `batch_size` images. diffusers computes each image of a call from its own
+        latents and generator; on diffusers 0.42 with torch 2.13 on CPU, an image's result does not depend on
+        its position or on the other images of a call of that size (bitwise), while another call size changes
+        it by float rounding (a level of 255 at most, measured). Fixed-size calls thus make the bytes a
+        function of the config and the row, whatever rows Ray or a resume put together
+        (tests/actors/test_images_batch.py)."""
+        cfg = self.cfg
+        pids = batch.column("prompt_id").to_pylist()
+        prompts = batch.column("image_prompt").to_pylist()
+        n, b = cfg.num_candidates, (1 if cfg.backend == "shapes" else cfg.batch_size)
+        images = [[b""] * n for _ in pids]
+        seeds = [[candidate_seed(pid, k, cfg.seed) for k in range(n)] for pid in pids]
+        for gi, g in enumerate(cfg.guidance_scales):
+            todo = [(r, k) for r in range(len(pids)) for k in range(gi * cfg.per_scale, (gi + 1) * cfg.per_scale)]
+            for i in range(0, len(todo), b):
+                call = todo[i:i + b]
+                padded = call + [call[-1]] * (b - len(call))
+                out = self.render_batch([prompts[r] for r, _ in padded], [seeds[r][k] for r, k in padded], g)
+                for (r, k), img in zip(call, out):
+                    images[r][k] = png_bytes(img)
+        scales = [[float(cfg.guidance_scales[k // cfg.per_scale]) for k in range(n)] for _ in pids]
         import pyarrow as pa
         batch = add_node_tag(batch, "images")
         return with_columns(batch, {"candidate_images": pa.array(images, pa.list_(pa.binary())),

@@ -29,6 +29,7 @@ class SamplerConfig:
     temperature: float = 0.0           # 0 means greedy
     top_p: float = 1.0
     max_new_tokens: int = 128
+    batch_size: int = 8                # rows (image, question) per generate call; each row's n samples ride along
     dtype: str = "float32"
     device: str = "auto"
     seed: int = 0
@@ -51,6 +52,8 @@ class SamplerConfig:
             errs.append(Problem(f"{key}.n", "must be >= 1"))
         if self.n > 1 and self.temperature == 0:
             errs.append(Problem(f"{key}.n", "n > 1 needs temperature > 0 (greedy gives n identical answers)"))
+        if self.batch_size < 1:
+            errs.append(Problem(f"{key}.batch_size", "must be >= 1"))
         if self.max_new_tokens < 1:
             errs.append(Problem(f"{key}.max_new_tokens", "must be >= 1"))
         if self.adapter and self.backend == "vllm":
@@ -63,9 +66,45 @@ def row_seed(base: int, key: str, model: str) -> int:
     return stable_seed(base, key, model)
 
 
+def sample_seed(base: int, key: str, model: str, j: int) -> int:
+    """Seed of the j-th answer of a row (transformers backend): a function of the row alone."""
+    return stable_seed(row_seed(base, key, model), j)
+
+
 def chat_prompt(processor, question: str) -> str:
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     return processor.apply_chat_template(messages, add_generation_prompt=True)
+
+
+class PerRowSampling:
+    """A logits processor for HF `generate` (a callable (input_ids, scores) -> scores) that samples each
+    sequence's next token with that sequence's own torch.Generator and masks every other token, so greedy
+    decoding picks it. HF's sampling draws a whole batch from one global RNG, so a row's answer would depend
+    on its batch; here a row's draws depend on its seed alone. Temperature, top-k and top-p are HF's own
+    warpers, in the order HF applies them when it samples."""
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float = 1.0, top_k: int | None = None):
+        import torch
+        from transformers import (
+            LogitsProcessorList,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
+        self.torch, self.seeds, self.gens = torch, seeds, None
+        self.warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)])
+        if top_k:
+            self.warpers.append(TopKLogitsWarper(top_k))
+        if top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(top_p))
+
+    def __call__(self, input_ids, scores):
+        torch = self.torch
+        if self.gens is None:  # made on first use, on the device the logits live on
+            self.gens = [torch.Generator(device=scores.device).manual_seed(s) for s in self.seeds]
+        probs = torch.softmax(self.warpers(input_ids, scores), dim=-1)
+        picks = torch.stack([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, self.gens)])
+        return torch.full_like(scores, float("-inf")).scatter_(1, picks, 0.0)
 
 
 class TransformersBackend:
@@ -83,29 +122,36 @@ class TransformersBackend:
             self.model = PeftModel.from_pretrained(self.model, cfg.adapter).merge_and_unload()
         self.model = self.model.to(self.device).eval()
 
-    def _generate(self, images, prompts, seed: int | None, max_new_tokens: int | None = None) -> list[list[str]]:
+    def _generate(self, images, prompts, keys, max_new_tokens: int | None) -> list[list[str]]:
+        """One generate call: greedy, or n samples per row (each row repeated n times, each copy with the
+        generator seeded `sample_seed(seed, key, model, j)`)."""
         cfg = self.cfg
+        n = cfg.n if cfg.temperature > 0 else 1
+        kwargs = dict(max_new_tokens=max_new_tokens or cfg.max_new_tokens, do_sample=False)
+        if cfg.temperature > 0:
+            images = [im for im in images for _ in range(n)]
+            prompts = [p for p in prompts for _ in range(n)]
+            seeds = [sample_seed(cfg.seed, k, cfg.label, j) for k in keys for j in range(n)]
+            kwargs["logits_processor"] = [PerRowSampling(seeds, cfg.temperature, cfg.top_p,
+                                                         self.model.generation_config.top_k)]
         inp = self.processor(images=images, text=prompts, return_tensors="pt", padding=True).to(self.device)
-        sample = cfg.temperature > 0
-        kwargs = dict(max_new_tokens=max_new_tokens or cfg.max_new_tokens, do_sample=sample,
-                      num_return_sequences=cfg.n)
-        if sample:
-            kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p)
-            self.torch.manual_seed(seed)
         with self.torch.inference_mode():
             out = self.model.generate(**inp, **kwargs)
         texts = self.processor.batch_decode(out[:, inp["input_ids"].shape[1]:], skip_special_tokens=True)
-        return [[t.strip() for t in texts[i * cfg.n:(i + 1) * cfg.n]] for i in range(len(prompts))]
+        return [[t.strip() for t in texts[i:i + n]] for i in range(0, len(texts), n)]
 
     def answer(self, images, questions, keys=None, max_new_tokens: int | None = None) -> list[list[str]]:
-        """n answers per (image, question); greedy answers are batched, `max_new_tokens` overrides the config."""
+        """n answers per (image, question), `batch_size` rows per generate call; `max_new_tokens` overrides the
+        config. Sampling needs the rows' keys: a row's samples are decided by its own seeds, whatever else is
+        in its batch (up to float rounding of the batched logits; see test_sampling_batch.py)."""
+        if self.cfg.temperature > 0 and keys is None:
+            raise ValueError("sampling needs a key per row (its seed)")
         prompts = [chat_prompt(self.processor, q + self.cfg.prompt_suffix) for q in questions]
-        if self.cfg.temperature == 0:
-            return self._generate(images, prompts, None, max_new_tokens)
-        # Sampling: one row per call with its own seed, so a rerun gives the same answers
-        # whatever the batching.
-        return [self._generate([im], [p], row_seed(self.cfg.seed, k, self.cfg.label), max_new_tokens)[0]
-                for im, p, k in zip(images, prompts, keys)]
+        b, out = self.cfg.batch_size, []
+        for i in range(0, len(prompts), b):
+            out += self._generate(images[i:i + b], prompts[i:i + b], keys[i:i + b] if keys else None,
+                                  max_new_tokens)
+        return out
 
 
 class VllmBackend:
@@ -120,13 +166,14 @@ class VllmBackend:
         self.llm = LLM(model=cfg.model, dtype=cfg.dtype, seed=cfg.seed, max_model_len=cfg.max_model_len,
                        limit_mm_per_prompt={"image": 1}, trust_remote_code=cfg.trust_remote_code)
 
-    def answer(self, images, questions, keys) -> list[list[str]]:
+    def answer(self, images, questions, keys, max_new_tokens: int | None = None) -> list[list[str]]:
+        """The whole batch in one call (vLLM batches continuously itself); each request seeded by its row."""
         from vllm import SamplingParams
         cfg = self.cfg
         requests = [{"prompt": chat_prompt(self.processor, q + cfg.prompt_suffix), "multi_modal_data": {"image": im}}
                     for im, q in zip(images, questions)]
         params = [SamplingParams(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p,
-                                 max_tokens=cfg.max_new_tokens, seed=row_seed(cfg.seed, k, cfg.label))
+                                 max_tokens=max_new_tokens or cfg.max_new_tokens, seed=row_seed(cfg.seed, k, cfg.label))
                   for k in keys]
         outs = self.llm.generate(requests, params, use_tqdm=False)
         return [[o.text.strip() for o in out.outputs] for out in outs]

@@ -1,6 +1,7 @@
-"""Streaming and scaling: `generate` against the same chain in one process, and two sizes' driver memory.
+"""Streaming and scaling: `generate` against the loop a user would write, and two sizes' driver memory.
 
-streaming  the pipeline vs the chain run in this process (`run_in_process`), same prompts and batch sizes
+streaming  the pipeline vs a plain script in this process (loop.py: the models loaded directly, stage after
+           stage, B prompts per model call), same prompt rows
 scaling    two sizes (2K-vs-9K proportions), one driver subprocess each: wall-time and driver peak-RSS ratios
 """
 from __future__ import annotations
@@ -31,55 +32,56 @@ def tiny_run_config(out: Path, tiny: Path, n_prompts: int, overrides=()):
     return cfg
 
 
-def run_loop(cfg, rows, vocab, out: Path) -> dict:
-    """The baseline: the same stage chain in one process, chunk by chunk, with the pools' batch sizes."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from pipelines.generate.chain import LocalChain, prompt_table
-    from pipelines.generate.outputs import finalize
-    t0 = time.time()
-    chain = LocalChain(cfg, vocab)
-    t_load = time.time() - t0
-    done = list(chain(prompt_table(rows)))
-    shutil.rmtree(out, ignore_errors=True)
-    (out / "scored").mkdir(parents=True)
-    pq.write_table(pa.concat_tables(done, promote_options="permissive"), out / "scored" / "shard-loop.parquet")
-    counts = finalize(out, cfg.min_rows_per_file)
-    return {"seconds": time.time() - t0, "load_seconds": t_load, "pairs": counts["pairs"]}
-
-
-def _pair_set(folder: Path) -> set:
+def compare_images(loop_dir: Path, pipe_dir: Path) -> dict:
+    """Which best image each run kept (by its seed) and, where they agree, how far apart the pixels are: the
+    loop renders the same seeds, B per diffusers call, so its images match ours up to float rounding."""
+    import numpy as np
     import pyarrow.dataset as pads
-    t = pads.dataset(str(folder), format="parquet").to_table(columns=["pair_id", "chosen", "rejected", "image"])
-    return {(r["pair_id"], r["chosen"], r["rejected"], r["image"]) for r in t.to_pylist()}
+
+    from actors.common.runtime import open_png
+    cols = ["prompt_id", "seed", "image"]
+    loop = {r["prompt_id"]: r for r in pads.dataset(str(loop_dir), format="parquet").to_table(columns=cols).to_pylist()}
+    pipe = {r["prompt_id"]: r for r in pads.dataset(str(pipe_dir), format="parquet").to_table(columns=cols).to_pylist()}
+    both = sorted(loop.keys() & pipe.keys())
+    same = [p for p in both if loop[p]["seed"] == pipe[p]["seed"]]
+    diff = [int(np.abs(np.asarray(open_png(loop[p]["image"]), int) - np.asarray(open_png(pipe[p]["image"]), int)).max())
+            for p in same]
+    return {"best_seed_agreement": round(len(same) / max(1, len(both)), 3),
+            "image_max_level_diff": max(diff, default=0)}
 
 
-def bench_streaming(work: Path, tiny: Path, n_prompts: int = 2048, overrides=()) -> dict:
-    """Pipeline vs loop on the same prompt rows, back to back in this process (the loop first)."""
+def bench_streaming(work: Path, tiny: Path, n_prompts: int = 2048, overrides=(), batch: int = 4,
+                    loop_threads: int | None = 1) -> dict:
+    """Pipeline vs the plain loop (loop.py, `batch` prompts per model call, `loop_threads` torch threads: its
+    best here) on the same prompt rows, back to back in this process (the loop first)."""
+    from pipelines.bench.loop import run_loop
     from pipelines.folder import RunFolder
     from pipelines.generate.job import prepare, run_generate
     cfg = tiny_run_config(work / "stream-pipeline", tiny, n_prompts, overrides)
     RunFolder(cfg).clear()
     rows, vocab, _ = prepare(cfg)
     load0 = load_avg()
+    shutil.rmtree(work / "stream-loop", ignore_errors=True)
     with CpuMeter() as loop_cpu:
-        loop = run_loop(cfg, rows, vocab, work / "stream-loop")
+        loop = run_loop(cfg, rows, work / "stream-loop", batch, loop_threads)
     t0 = time.time()
     with CpuMeter() as pipe_cpu:
         manifest = run_generate(cfg, prepared=(rows, vocab, Path(cfg.output_dir)))
     pipe_s = time.time() - t0
-    same = _pair_set(work / "stream-loop" / "pairs") == _pair_set(Path(cfg.output_dir) / "pairs")
-    return {"prompts": n_prompts, "loop_seconds": round(loop["seconds"], 2),
-            "loop_load_seconds": round(loop["load_seconds"], 2), "pipeline_seconds": round(pipe_s, 2),
-            "pipeline_timings": manifest["timings_s"],
+    return {"prompts": n_prompts, "loop_seconds": loop["seconds"], "loop_stage_seconds": loop["stage_seconds"],
+            "loop_batch": batch, "loop_torch_threads": loop["torch_threads"],
+            "pipeline_seconds": round(pipe_s, 2), "pipeline_timings": manifest["timings_s"],
             "loop_prompts_per_s": round(n_prompts / loop["seconds"], 3),
             "pipeline_prompts_per_s": round(n_prompts / pipe_s, 3),
             "ratio": round(loop["seconds"] / pipe_s, 3),
             "loop_cpu_seconds": round(loop_cpu.seconds, 1), "pipeline_cpu_seconds": round(pipe_cpu.seconds, 1),
             "pipeline_cpu_by_process": {k: round(v, 1) for k, v in sorted(pipe_cpu.by_name.items(),
                                                                            key=lambda kv: -kv[1]) if v >= 0.5},
-            "pairs": manifest["counts"]["pairs"], "loop_pairs": loop["pairs"], "same_pairs": same,
+            "questions": manifest["counts"]["questions"], "loop_questions": loop["questions"],
+            "pairs": manifest["counts"]["pairs"], "loop_pairs": loop["pairs"],
+            "dropped": sum(manifest["counts"]["dropped"].values()), "errors": manifest["counts"]["errors"],
+            "loop_dropped": loop["dropped"],
+            **compare_images(work / "stream-loop" / "pairs", Path(cfg.output_dir) / "pairs"),
             "load_avg_before": load0, "load_avg_after": load_avg()}
 
 

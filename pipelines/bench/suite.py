@@ -1,6 +1,6 @@
 """`synthalign bench`: is the pipeline worth its machinery?
 
-streaming  `generate` vs the same chain in one process (streaming.py)
+streaming  `generate` vs the plain loop a user would write (loop.py, streaming.py)
 scaling    two sizes, one driver subprocess each: wall time and driver peak RSS (streaming.py)
 training   Ray Train DPO step time vs plain TRL (training.py)
 cluster    a simulated GPU cluster running the real Ray Data chain on sleep stand-ins (sim.py)

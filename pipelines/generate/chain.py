@@ -1,7 +1,7 @@
 """The generation chain: every wiring built from the one stage list, `actors.contract.STAGES`.
 
-From it come the column-contract check, the per-stage Ray Data chain, the fused chain (`fuse: true`), the
-in-process chain the benchmark runs, and the cluster simulation's chain (stand-ins swapped in by pool key).
+From it come the column-contract check, the per-stage Ray Data chain, the fused chain (`fuse: true`) and the
+cluster simulation's chain (stand-ins swapped in by pool key).
 """
 from __future__ import annotations
 
@@ -90,27 +90,6 @@ def build_pipeline(cfg, prompts, vocab, stages=STAGES, swap: dict | None = None)
                                                                            "threads": step.pool.threads},
                             batch_format="pyarrow", **kwargs)
     return ds
-
-
-class LocalChain:
-    """The same chain in this process: models load once here, then each chunk of prompt rows goes through the
-    stages in turn, each stage called with its pool's batch size (the benchmark's in-process baseline)."""
-
-    def __init__(self, cfg, vocab):
-        run_steps = steps(cfg, vocab)
-        check_steps(run_steps)
-        self.chains = [(Chain(s.parts, threads=s.pool.threads), s.pool.batch_size) for s in run_steps]
-        self.chunk_rows = max(s.pool.batch_size for s in run_steps[:2])
-
-    def __call__(self, prompts):
-        """Yield one finished table per chunk of `prompts` (a prompt table)."""
-        import pyarrow as pa
-        for i in range(0, prompts.num_rows, self.chunk_rows):
-            table = prompts.slice(i, self.chunk_rows)
-            for chain, size in self.chains:
-                parts = [chain(table.slice(j, size)) for j in range(0, table.num_rows, size)]
-                table = pa.concat_tables(parts, promote_options="permissive") if parts else table
-            yield table
 
 
 def prompt_table(rows: list[dict]):

@@ -29,8 +29,49 @@ def test_streaming_keys_and_values(results):
         assert _number(s[key]) and s[key] > 0, key
     assert s["prompts"] == 8
     assert s["ratio"] == pytest.approx(s["loop_seconds"] / s["pipeline_seconds"], rel=0.01)
-    # the loop and the pipeline computed the same pairs, image bytes included
-    assert s["pairs"] == s["loop_pairs"] > 0 and s["same_pairs"] is True
+    # The loop is another program (HF's own sampling, its own reward code), so its answers differ; the work is
+    # the same: every question answered and paired, from the same candidate seeds, so where both kept the
+    # same candidate the images agree up to float rounding.
+    assert s["questions"] == s["loop_questions"] == 16
+    # (the pipeline quarantines a row whose sampler gave only empty answers; the loop keeps what it got)
+    assert s["pairs"] + s["dropped"] + s["errors"] == s["loop_pairs"] + s["loop_dropped"] == 16
+    assert s["pairs"] > 8 and s["loop_pairs"] > 8  # random tiny models rarely give identical answers
+    assert s["best_seed_agreement"] >= 0.75 and s["image_max_level_diff"] <= 2
+    assert set(s["loop_stage_seconds"]) == {"load", "images", "selection", "sampling", "rewards", "pairs"}
+
+
+def test_loop_writes_each_stage_to_disk(results):
+    out, r = results
+    loop = out / "work" / "stream-loop"
+    assert len(list((loop / "images").glob("*.png"))) == 8 * 4  # K candidates per prompt
+    assert len((loop / "best.jsonl").read_text().splitlines()) == 8
+    for name, n in (("tiny-llava-a", 2), ("tiny-llava-b", 1)):
+        rows = [json.loads(x) for x in (loop / f"answers-{name}.jsonl").read_text().splitlines()]
+        assert len(rows) == 16 and all(len(x["answers"]) == n for x in rows)
+    scored = [json.loads(x) for x in (loop / "rewards.jsonl").read_text().splitlines()]
+    assert all(len(x["reward"]) == 3 and sum(x["reward"]) == pytest.approx(0.0, abs=1e-6) for x in scored)
+
+
+def test_loop_runs_as_a_script(tiny_models, tmp_path, capsys):
+    from conftest import ROOT
+
+    from pipelines.bench.loop import main
+    t = tiny_models
+    samplers = (f"[{{model: {t['llava']}, name: a, n: 2, temperature: 1.0, max_new_tokens: 4}}, "
+                f"{{model: {t['llava-b']}, name: b, n: 1, temperature: 1.0, max_new_tokens: 4}}]")
+    sets = ["tiny_models=null", "prompts.num_prompts=3", "prompts.instructions_per_prompt=1",
+            f"images.model={t['sd']}", f"selection.model={t['clip']}", f"rewards.text_model={t['reward']}",
+            f"rewards.clip_model={t['clip']}", f"samplers={samplers}"]
+    assert main([str(ROOT / "configs" / "tiny.yaml"), "--out", str(tmp_path), "--batch", "2",
+                 *[a for x in sets for a in ("--set", x)]]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["prompts"] == 3 and printed["questions"] == 3 and printed["pairs"] + printed["dropped"] == 3
+    assert printed["torch_threads"] == 1
+    import pyarrow.parquet as pq
+    pairs = pq.read_table(tmp_path / "pairs" / "pairs.parquet").to_pylist()
+    assert len(pairs) == printed["pairs"] > 0
+    assert all(p["pair_id"] == f"{p['prompt_id']}-q0" for p in pairs)
+    assert all(p["chosen"] != p["rejected"] and p["image"][:4] == b"\x89PNG" for p in pairs)
 
 
 def test_cluster_simulation_busy_fractions(results):
