@@ -38,8 +38,9 @@ def choose(answers: list[str], models: list[str], rewards: list[float], min_marg
 
 class PairBuilder:
     REQUIRES = ("pair_key", "answers", "answer_models", "reward")
+    # chosen_index / rejected_index: positions in `answers`, so a copy of the chosen text is not chosen too.
     ADDS = ("pair_id", "chosen", "rejected", "chosen_reward", "rejected_reward", "margin",
-            "chosen_model", "rejected_model", "drop_reason")
+            "chosen_model", "rejected_model", "chosen_index", "rejected_index", "drop_reason")
 
     def __init__(self, cfg: PairsConfig):
         self.cfg = cfg
@@ -62,6 +63,8 @@ class PairBuilder:
             out["margin"].append(float(rewards[b] - rewards[w]) if found else None)
             out["chosen_model"].append(models[b] if found else None)
             out["rejected_model"].append(models[w] if found else None)
+            out["chosen_index"].append(b)
+            out["rejected_index"].append(w)
             out["drop_reason"].append(reason)
         for reason in out["drop_reason"]:
             count("synthalign_pairs", 1, "image-questions by outcome", outcome=reason or "kept")
@@ -70,5 +73,6 @@ class PairBuilder:
         import pyarrow as pa
         typed = {k: pa.array(v, pa.float64()) for k, v in out.items()
                  if k in ("chosen_reward", "rejected_reward", "margin")}
+        typed.update({k: pa.array(out[k], pa.int32()) for k in ("chosen_index", "rejected_index")})
         typed.update({k: pa.array(v, pa.string()) for k, v in out.items() if k not in typed})
         return with_columns(batch, typed)

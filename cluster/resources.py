@@ -89,16 +89,25 @@ def _thread_env(threads: int) -> dict:
     return {"env_vars": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}}
 
 
+# A batch whose actor died is retried on the restarted actor this many times (5: Ray Data's own default before
+# it became -1, forever): a batch that kills its actor every time (a device-side assert on one input) would
+# otherwise loop without end. Ray 2.60 takes it only through map_batches' **ray_remote_args, deprecated for
+# removal in 2.64 with no named replacement yet (a DeprecationWarning): revisit on upgrade.
+ACTOR_TASK_RETRIES = 5
+
+
 def map_batches_kwargs(pool: PoolConfig) -> dict:
     """Keyword arguments for `Dataset.map_batches` running a callable class on an actor pool.
 
-    Ray Data restarts crashed pool actors and retries their batches by default (max_restarts=-1).
+    Ray Data restarts crashed pool actors (max_restarts=-1) and retries their batches, ACTOR_TASK_RETRIES
+    times here; a batch that raises is not retried (the row guard quarantines bad rows and ends the actor on
+    a fatal error, see actors/common/guard.py).
     """
     import ray.data
     compute = (ray.data.ActorPoolStrategy(min_size=pool.size, max_size=pool.max_size) if pool.max_size
                else ray.data.ActorPoolStrategy(size=pool.size))
     kwargs = {"compute": compute, "batch_size": pool.batch_size, "num_cpus": pool.num_cpus,
-              "runtime_env": _thread_env(pool.threads)}
+              "runtime_env": _thread_env(pool.threads), "max_restarts": -1, "max_task_retries": ACTOR_TASK_RETRIES}
     if pool.num_gpus:
         kwargs["num_gpus"] = pool.num_gpus
     if pool.resources:

@@ -1,21 +1,73 @@
 """Bad rows never sink a job: a failing batch is retried row by row, and rows that still fail carry an
 `error` ("stage: reason") that later stages pass through untouched and the job writes to `errors/`.
 
+A fatal error is no bad row: after a CUDA error, out-of-memory or a dead inference engine every later row
+would fail too. The guard does not quarantine it; inside a Ray worker it ends the process, so Ray restarts
+the actor and retries its batches (Ray Data retries a batch when its actor dies, not when the batch raises:
+an exception would fail the whole job); elsewhere (unit tests, the in-process loop) it re-raises.
+
 Also the test-only fault injection (`faults:` in the run config, shipped to actors as SYNTHALIGN_FAULTS):
-a chosen stage raises, or kills its own actor process, once per chosen row. A marker file per
-(stage, row) makes a fault fire once, so Ray's actor restart and batch retry then succeed.
+a chosen stage raises, raises a fatal error, or kills its own actor process, once per chosen row. A marker
+file per (stage, row) makes a fault fire once, so Ray's actor restart and batch retry then succeed.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from actors.common.errors import Problem
 
 FAULTS_ENV = "SYNTHALIGN_FAULTS"
-ROW_ATTEMPTS = 2  # a transient failure (a flaky judge endpoint, a one-off OOM) gets one more go
+ROW_ATTEMPTS = 2  # a transient row-level failure (a flaky judge endpoint) gets one more go
+FATAL_EXIT_CODE = 70  # the status a worker ended by a fatal error exits with (EX_SOFTWARE)
+# RuntimeError texts of a broken device or collective: torch's CUDA errors, NCCL failures.
+FATAL_MESSAGES = ("CUDA error", "CUDA out of memory", "device-side assert", "NCCL")
+
+
+class FatalStageError(RuntimeError):
+    """Raise it from a stage when its actor cannot go on (a model server gone for good, a corrupt model):
+    the guard ends the actor instead of quarantining the rows."""
+
+
+def is_fatal(exc: BaseException) -> bool:
+    """True for errors after which no later row could succeed in this process: ours (FatalStageError),
+    MemoryError, torch's (CUDA) OutOfMemoryError, CUDA / device-side assert / NCCL RuntimeErrors and vLLM's
+    dead-engine errors (matched by class name: vllm is not imported here), also when they caused `exc`."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (FatalStageError, MemoryError)):
+            return True
+        names = [c.__name__ for c in type(exc).__mro__]
+        if any(n == "OutOfMemoryError" or "EngineDead" in n or "DeadEngine" in n for n in names):
+            return True
+        if isinstance(exc, RuntimeError) and any(m in str(exc) for m in FATAL_MESSAGES):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def end_worker(stage: str, exc: BaseException) -> None:
+    """After a fatal error: inside a Ray worker, end the process (Ray restarts the actor and retries the
+    batch); elsewhere return, and the caller re-raises."""
+    if not _in_ray_worker():
+        return
+    logging.getLogger(__name__).critical("%s; ending this actor so that Ray restarts it and retries the batch",
+                                         _error_reason(stage, exc), exc_info=exc)
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(FATAL_EXIT_CODE)
+
+
+def _in_ray_worker() -> bool:
+    ray = sys.modules.get("ray")  # a process that never imported ray is no Ray worker
+    if ray is None or not ray.is_initialized():
+        return False
+    return ray.get_runtime_context().worker.mode == ray.WORKER_MODE
 
 
 @dataclass
@@ -23,15 +75,16 @@ class FaultConfig:
     """Test-only: make `stage` fail on rows whose prompt_id is listed."""
     stage: str = ""                    # images | selection | sampling | rewards
     prompt_ids: list[str] = field(default_factory=list)
-    kind: str = "raise"                # raise | exit (os._exit: the actor process dies) | sleep (a slow row)
+    kind: str = "raise"                # raise (a bad row) | fatal (a CUDA error: ends the actor) | exit (os._exit:
+                                       # the actor process dies) | sleep (a slow row)
     marker_dir: str = ""               # where "fired" markers go (default: <output_dir>/.faults)
     times: int = 1                     # how often a row fails; -1: always (a permanently bad row)
     seconds: float = 30.0              # kind sleep: how long
 
     def validate(self) -> list[Problem]:
         errs = []
-        if self.kind not in ("raise", "exit", "sleep"):
-            errs.append(Problem("faults.kind", "must be 'raise', 'exit' or 'sleep'"))
+        if self.kind not in ("raise", "fatal", "exit", "sleep"):
+            errs.append(Problem("faults.kind", "must be 'raise', 'fatal', 'exit' or 'sleep'"))
         return errs
 
 
@@ -57,6 +110,9 @@ def _inject(stage: str, batch) -> None:
                 import time
                 time.sleep(f["seconds"])
                 continue
+            if f["kind"] == "fatal":
+                raise RuntimeError(f"CUDA error: an illegal memory access was encountered "
+                                   f"(injected fatal fault at {stage} for {pid})")
             raise RuntimeError(f"injected fault at {stage} for {pid}")
 
 
@@ -65,7 +121,8 @@ def _error_reason(stage: str, exc: BaseException) -> str:
 
 
 def guarded(stage: str, batch, process, drops=()):
-    """Run `process` on the rows without an error; see the module docstring."""
+    """Run `process` on the rows without an error; see the module docstring. The stage's metrics count the
+    rows it processed (done or failed here), not the rows that failed upstream and only pass through."""
     import pyarrow as pa
     import pyarrow.compute as pc
     failed = None
@@ -78,17 +135,20 @@ def guarded(stage: str, batch, process, drops=()):
         try:
             _inject(stage, batch)
             parts.append(process(batch))
-        except Exception:
-            for i in range(batch.num_rows):
-                parts.append(_one_row(stage, batch.slice(i, 1), process, drops))
+        except Exception as e:
+            if is_fatal(e):
+                end_worker(stage, e)
+                raise
+            parts = [_one_row(stage, batch.slice(i, 1), process, drops) for i in range(batch.num_rows)]
+    parts = [_with_error(p) for p in parts]
+    if parts:
+        from actors.common.metrics import record_stage
+        record_stage(stage, pa.concat_tables(parts, promote_options="permissive"))
     if failed is not None and failed.num_rows:
-        parts.append(failed.drop_columns([c for c in drops if c in failed.column_names]))
+        parts.append(_with_error(failed.drop_columns([c for c in drops if c in failed.column_names])))
     if not parts:
         return batch
-    out = pa.concat_tables([_with_error(p) for p in parts], promote_options="permissive")
-    from actors.common.metrics import record_stage
-    record_stage(stage, out)
-    return out
+    return pa.concat_tables(parts, promote_options="permissive")
 
 
 def _one_row(stage: str, row, process, drops, attempts: int = ROW_ATTEMPTS):
@@ -98,6 +158,9 @@ def _one_row(stage: str, row, process, drops, attempts: int = ROW_ATTEMPTS):
             _inject(stage, row)
             return process(row)
         except Exception as e:
+            if is_fatal(e):
+                end_worker(stage, e)
+                raise
             last = e
     bad = row.drop_columns([c for c in drops if c in row.column_names])
     return _set_error(bad, _error_reason(stage, last))

@@ -1,11 +1,14 @@
 """Stage metrics for the Ray dashboard and Prometheus (`ray.util.metrics`), made once per process.
 
 Names (Prometheus adds a `ray_` prefix): synthalign_stage_rows (rows a stage finished, by stage),
-synthalign_stage_failed_rows (rows quarantined, by stage), synthalign_candidates (answers, by model),
+synthalign_stage_failed_rows (rows quarantined at that stage, by stage; a row that failed upstream and only
+passes through counts for neither), synthalign_candidates (answers, by model),
 synthalign_pairs (by outcome: kept or the drop reason), synthalign_reward (answers by reward bucket:
 Ray histograms take only positive boundaries, rewards are signed) and synthalign_margin (histogram).
 Metrics are best-effort: outside Ray (unit tests, plain loops) they are no-ops, and a metrics failure
-is logged once, never turned into a failed row.
+is logged once, never turned into a failed row. A process that dies (a fatal error, a crash) may take its
+last unreported counts along, and its batch, retried, counts again in the stages it had passed: the run's
+exact counts are in the manifest.
 """
 from __future__ import annotations
 
@@ -67,11 +70,8 @@ def observe(name: str, values, description: str, boundaries) -> None:
 
 
 def record_stage(stage: str, table) -> None:
-    """Called by the guard after every batch: rows finished and rows failed at this stage."""
-    import pyarrow.compute as pc
-    failed = 0
-    if "error" in table.column_names:
-        err = table.column("error")
-        failed = int(pc.sum(pc.starts_with(err.fill_null(""), f"{stage}:")).as_py() or 0)
+    """Called by the guard after every batch with the rows this stage processed (never the rows that failed
+    upstream and only pass through): those with an error failed here, the others are done."""
+    failed = table.num_rows - table.column("error").null_count if "error" in table.column_names else 0
     count("synthalign_stage_rows", table.num_rows - failed, "rows a stage finished", stage=stage)
     count("synthalign_stage_failed_rows", failed, "rows quarantined to errors/", stage=stage)

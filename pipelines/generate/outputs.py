@@ -15,6 +15,7 @@ from ray.data import Datasink
 
 from actors.common.files import atomic_file, replace_dir
 from actors.contract import PAIR_COLUMNS
+from actors.rewards import RewardScorer
 
 LINEAGE_COLUMNS = ("question_index", "candidate_scores", "candidate_seeds", "candidate_guidance", "stage_nodes")
 
@@ -82,29 +83,32 @@ def done_prompts(scored: Path, expected_rows: dict[str, int]) -> set[str]:
     return {pid for pid, keys in seen.items() if len(keys) >= expected_rows.get(pid, 1 << 30)}
 
 
+# Per candidate, every list the rewards stage adds (each term, `hallucinated`, the combined `reward`): taken
+# from the stage's own column list, so a term added there reaches candidates/ without an edit here.
+CANDIDATE_TERMS = RewardScorer.ADDS
+CANDIDATE_SOURCE = ("pair_key", "prompt_id", "question", "answers", "answer_models", *CANDIDATE_TERMS,
+                    "chosen_index", "rejected_index")
+
+
 def _explode_candidates(rows: list[dict]) -> list[dict]:
     out = []
     for r in rows:
+        # Roles by position (the pair builder's choice): a copy of the chosen text elsewhere is no second chosen.
+        roles = {r["chosen_index"]: "chosen", r["rejected_index"]: "rejected"}
         for j, answer in enumerate(r["answers"] or []):
-            role = "chosen" if answer == r["chosen"] else "rejected" if answer == r["rejected"] else ""
             out.append({"pair_key": r["pair_key"], "prompt_id": r["prompt_id"], "question": r["question"],
                         "candidate_index": j, "model": r["answer_models"][j], "answer": answer,
-                        "reward_text": r["reward_text"][j], "reward_clip": r["reward_clip"][j],
-                        "reward_hallucination": r["reward_hallucination"][j],
-                        "hallucinated": r["hallucinated"][j], "reward": r["reward"][j], "role": role})
+                        **{c: r[c][j] for c in CANDIDATE_TERMS}, "role": roles.get(j, "")})
     return out
-
-
-CANDIDATE_SOURCE = ("pair_key", "prompt_id", "question", "answers", "answer_models", "reward_text",
-                    "reward_clip", "reward_hallucination", "hallucinated", "reward", "chosen", "rejected")
 
 
 def _schemas():
     import pyarrow as pa
-    s, f, lst = pa.string(), pa.float64(), pa.list_
+    s = pa.string()
+    # Every term is a float per candidate; `hallucinated` is the list of objects an answer made up.
+    terms = [(c, pa.list_(s) if c == "hallucinated" else pa.float64()) for c in CANDIDATE_TERMS]
     candidates = pa.schema([("pair_key", s), ("prompt_id", s), ("question", s), ("candidate_index", pa.int32()),
-                            ("model", s), ("answer", s), ("reward_text", f), ("reward_clip", f),
-                            ("reward_hallucination", f), ("hallucinated", lst(s)), ("reward", f), ("role", s)])
+                            ("model", s), ("answer", s), *terms, ("role", s)])
     errors = pa.schema([("pair_key", s), ("prompt_id", s), ("stage", s), ("reason", s)])
     return candidates, errors
 

@@ -66,3 +66,16 @@ def test_reward_buckets_cover_signed_values():
     from actors.common.metrics import reward_bucket
     assert [reward_bucket(v) for v in (-5, -1.5, -0.5, 0.0, 0.7, 9)] == \
         ["<-2.0", "[-2.0,-1.0)", "[-0.5,0.0)", "[0.0,0.5)", "[0.5,1.0)", ">=2.0"]
+
+
+def test_pair_builder_records_chosen_and_rejected_indices():
+    """The indices travel with the row, so candidates/ labels the chosen answer, not every copy of its text."""
+    t = pa.table({"pair_key": ["k1", "k2", "k3"], "answers": [["x", "y", "x"], ["same", "same"], ["a", "b"]],
+                  "answer_models": [["a", "b", "c"], ["a", "b"], ["a", "b"]],
+                  "reward": [[2.0, -1.0, 0.5], [1.0, 0.0], [1.0, 1.1]]})
+    out = PairBuilder(PairsConfig(min_margin=0.5))(t)
+    assert {"chosen_index", "rejected_index"} <= set(PairBuilder.ADDS) <= set(out.column_names)
+    rows = out.to_pylist()
+    assert (rows[0]["chosen_index"], rows[0]["rejected_index"]) == (0, 1)
+    assert (rows[1]["chosen_index"], rows[1]["rejected_index"]) == (None, None)  # identical: no pair
+    assert (rows[2]["chosen_index"], rows[2]["rejected_index"], rows[2]["drop_reason"]) == (1, 0, "below_margin")

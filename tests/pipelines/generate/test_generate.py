@@ -175,21 +175,68 @@ def test_export_llava_json(run, tmp_path):
     assert Image.open(tmp_path / "llava" / r["image"]).size == (64, 64)
 
 
-def test_stage_metrics_reach_the_metrics_endpoint(run):
-    import re
-    import time
+def scrape() -> str:
     import urllib.request
-    cfg, manifest = run
-    want = {"images": N_PROMPTS, "selection": N_PROMPTS, "rewards": N_PROMPTS * N_INSTR,
-            "sampling:tiny-llava-a": N_PROMPTS * N_INSTR, "pairs": N_PROMPTS * N_INSTR}
-    deadline, got = time.time() + 60, {}
-    while time.time() < deadline:  # metrics are exported every few seconds
-        text = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).read().decode()
-        got = {}
-        for m in re.finditer(r'^ray_synthalign_stage_rows_total\{[^}]*stage="([^"]+)"[^}]*\} ([0-9.]+)', text, re.M):
-            got[m.group(1)] = got.get(m.group(1), 0) + float(m.group(2))
-        if all(got.get(k, 0) >= v for k, v in want.items()):
+    return urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).read().decode()
+
+
+def stage_counters(text: str) -> dict[tuple[str, str], float]:
+    """(counter, stage) -> value summed over the workers' series."""
+    import re
+    out: dict = {}
+    series = r'^ray_synthalign_(stage_rows|stage_failed_rows)_total\{[^}]*stage="([^"]+)"[^}]*\} ([0-9.e+]+)'
+    for m in re.finditer(series, text, re.M):
+        out[m.group(1), m.group(2)] = out.get((m.group(1), m.group(2)), 0) + float(m.group(3))
+    return out
+
+
+def settled_counters(timeout: float = 60.0) -> dict:
+    """The counters once two reads 5 s apart agree: the session's earlier runs have finished reporting."""
+    import time
+    deadline, last = time.time() + timeout, stage_counters(scrape())
+    while time.time() < deadline:
+        time.sleep(5)
+        now = stage_counters(scrape())
+        if now == last:
+            break
+        last = now
+    return last
+
+
+def test_stage_metrics_count_exactly_the_rows_each_stage_processed(tiny_models, ray_local, tmp_path):
+    """One row fails for good at the first sampler: it counts as failed there and nowhere else; every stage
+    counts the rows it processed, the rows that failed upstream and only passed through count for none."""
+    import time
+    import uuid
+
+    from actors.prompts import load_prompts
+    from pipelines.generate.job import run_generate
+    n_prompts = 4
+    cfg = tiny_config(tiny_models, tmp_path / "run", **{"prompts.num_prompts": n_prompts})
+    victim = [r["prompt_id"] for r in load_prompts(cfg.prompts)][1]
+    cfg = tiny_config(tiny_models, tmp_path / "run", **{
+        "prompts.num_prompts": n_prompts, "faults.stage": "sampling", "faults.kind": "raise", "faults.times": -1,
+        "faults.prompt_ids": json.dumps([victim]), "max_error_fraction": 0.5})
+    tag = uuid.uuid4().hex[:8]  # sampler stage tags of this run only
+    a, b = cfg.samplers[0], cfg.samplers[1]
+    a.name, b.name = f"a-{tag}", f"b-{tag}"
+    before = settled_counters()
+    counts = run_generate(cfg)["counts"]
+    questions = n_prompts * N_INSTR
+    assert counts["errors"] == N_INSTR and counts["questions"] == questions  # the victim's image-questions
+    ok = questions - N_INSTR
+    want = {("stage_rows", "images"): n_prompts, ("stage_failed_rows", "images"): 0,
+            ("stage_rows", "selection"): n_prompts, ("stage_failed_rows", "selection"): 0,
+            ("stage_rows", f"sampling:{a.name}"): ok, ("stage_failed_rows", f"sampling:{a.name}"): N_INSTR,
+            ("stage_rows", f"sampling:{b.name}"): ok, ("stage_failed_rows", f"sampling:{b.name}"): 0,
+            ("stage_rows", "rewards"): ok, ("stage_failed_rows", "rewards"): 0,
+            ("stage_rows", "pairs"): ok, ("stage_failed_rows", "pairs"): 0}
+    deadline = time.time() + 60
+    while True:  # metrics are exported every few seconds
+        text = scrape()
+        got = {k: stage_counters(text).get(k, 0) - before.get(k, 0) for k in want}
+        if got == want or time.time() > deadline:
             break
         time.sleep(3)
-    assert all(got.get(k, 0) >= v for k, v in want.items()), got
+    assert got == want
     assert "ray_synthalign_pairs_total" in text and "ray_synthalign_margin_bucket" in text

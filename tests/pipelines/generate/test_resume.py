@@ -82,7 +82,7 @@ def test_kill_9_then_resume_gives_exactly_the_expected_pairs(tiny_models, ray_lo
     assert sorted(keys_of(Path(cfg.output_dir) / "pairs")) == sorted(pairs)
 
 
-@pytest.mark.parametrize("stage,kind", [("rewards", "raise"), ("sampling", "exit")])
+@pytest.mark.parametrize("stage,kind", [("rewards", "raise"), ("sampling", "exit"), ("rewards", "fatal")])
 def test_injected_faults_are_survived(tiny_models, ray_local, tmp_path, stage, kind):
     from actors.prompts import load_prompts
     from pipelines.generate.job import run_generate
@@ -98,6 +98,45 @@ def test_injected_faults_are_survived(tiny_models, ray_local, tmp_path, stage, k
     assert c["pairs"] + sum(c["dropped"].values()) == c["questions"] == 6 * 2
     pairs = keys_of(tmp_path / "run" / "pairs")
     assert len(pairs) == len(set(pairs))
+    if kind == "fatal":  # a CUDA error ends the actor, not a row: Ray restarts it and retries the batch
+        fired = [(tmp_path / "run" / ".faults" / m).read_text().split() for m in markers]
+        assert len(markers) == len(victims) and all(len(pids) == 1 for pids in fired)  # once per victim
+        assert len({pid for pids in fired for pid in pids}) == len(victims)  # each time in a fresh process
+
+
+def release_failed_run(ray, timeout: float = 120.0) -> None:
+    """A failed Ray Data run leaves its actor handles in the exception's frames (a reference cycle) until the
+    garbage collector runs: collect, and wait until the pools' CPUs are free for the next test."""
+    import gc
+    gc.collect()
+    deadline = time.time() + timeout
+    while time.time() < deadline and ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] - 0.01:
+        time.sleep(1)
+
+
+def test_a_fatal_error_that_never_clears_fails_the_job_instead_of_quarantining(tiny_models, ray_local, tmp_path):
+    """A fault that kills the device on every try: the batch is retried on a restarted actor a few times (not
+    forever), then the job stops with the error; no row is quarantined as if it were a bad row. A pool per
+    stage, so that only the small rewards actor restarts."""
+    from ray.exceptions import RayActorError
+
+    from actors.prompts import load_prompts
+    from cluster.resources import ACTOR_TASK_RETRIES
+    from pipelines.generate.job import run_generate
+    base = tiny_config(tiny_models, tmp_path / "run", **{"prompts.num_prompts": 1})
+    victim = [r["prompt_id"] for r in load_prompts(base.prompts)][0]
+    cfg = tiny_config(tiny_models, tmp_path / "run", **{
+        "prompts.num_prompts": 1, "fuse": "false", "pools.images.size": 1, "faults.stage": "rewards",
+        "faults.kind": "fatal", "faults.times": -1, "faults.prompt_ids": json.dumps([victim])})
+    try:
+        with pytest.raises(RayActorError):  # the batch's retries are used up: its actor is gone
+            run_generate(cfg)
+    finally:
+        release_failed_run(ray_local)
+    fired = (tmp_path / "run" / ".faults" / f"rewards-{victim}").read_text().split()
+    assert len(fired) == ACTOR_TASK_RETRIES + 1  # the first try and every retry, each in a new actor process
+    assert len(set(fired)) == len(fired)
+    assert not (tmp_path / "run" / "errors").exists()
 
 
 def test_bad_rows_are_quarantined_and_the_error_budget_enforced(tiny_models, ray_local, tmp_path):
