@@ -1,7 +1,10 @@
 """Shared fixtures: tiny models built once per test run, one local Ray for the session."""
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -41,6 +44,44 @@ def twin_models(tmp_path_factory) -> dict[str, Path]:
     """Random-weight twins of configs/paper.yaml's models (SD3, LLaVA-NeXT, ArmoRM-style reward, LLaVA-1.5)."""
     from pipelines.models.twins import make_twins
     return make_twins(tmp_path_factory.mktemp("twins"))
+
+
+@contextlib.contextmanager
+def private_cluster(head_args: dict, nodes: list[dict]):
+    """A `ray.cluster_utils.Cluster` of its own, connected; the session's Ray is given back afterwards."""
+    import ray
+    from ray.cluster_utils import Cluster
+    was_connected = ray.is_initialized()
+    if was_connected:
+        ray.shutdown()
+    # Cluster writes its address to <ray temp dir>/ray_current_cluster, which a plain `ray.init()` anywhere
+    # on this machine would then join: give this cluster a private temp dir (short: socket paths are
+    # limited to ~107 bytes) so concurrent test runs never find it.
+    tmp = tempfile.mkdtemp(prefix="sa-pl-", dir="/tmp")
+    old_tmpdir = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = tmp
+    # Small object stores; each simulated node still sees the whole machine's memory. No dashboard and no
+    # Ray Client server are started. (node_ip_address=127.0.0.1 hangs here: in Ray 2.60 the nodes then look
+    # for the GCS at the machine's IP and wait for it forever.)
+    common = {"object_store_memory": 150 * 1024 ** 2}
+    c = Cluster(initialize_head=True, head_node_args={**common, "include_dashboard": False, **head_args})
+    try:
+        added = [c.add_node(**common, **n) for n in nodes]
+        c.wait_for_nodes()
+        ray.init(address=c.address, log_to_driver=False)
+        yield c, added
+    finally:
+        ray.shutdown()
+        c.shutdown()
+        if old_tmpdir is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = old_tmpdir
+        shutil.rmtree(tmp, ignore_errors=True)
+        if was_connected:  # give later tests the session Ray back (same arguments as conftest's ray_local)
+            from cluster.connect import local_system_config
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                     _system_config=local_system_config(2))
 
 
 def free_port() -> int:

@@ -261,7 +261,9 @@ def test_hf_token_reaches_workers_on_another_node_and_is_never_printed(head, tmp
               "same = ray.get(ray.remote(lambda: os.environ.get('HF_TOKEN')).options(num_cpus=0).remote())\n"
               f"print('same' if same == {secret!r} else 'different')\n")
     env = {k: v for k, v in os.environ.items() if k not in CLEAN}
-    env.update({"HF_TOKEN": secret, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": head["token"]})
+    # As the head: without it Ray swaps 127.0.0.1 for the machine's IP and the driver waits for a node there.
+    env.update({"HF_TOKEN": secret, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": head["token"],
+                "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
     r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
