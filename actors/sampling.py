@@ -34,7 +34,11 @@ class SamplerConfig:
     device: str = "auto"
     seed: int = 0
     prompt_suffix: str = ""            # e.g. POPE's "Answer the question using a single word or phrase."
-    max_model_len: int = 4096          # vllm only
+    max_model_len: int = 4096          # vllm only, as the four below: what fits a model to the GPUs at hand
+    tensor_parallel_size: int = 1      # GPUs one engine spans (a 13B on 40 GB cards: 2); give the pool num_gpus to match
+    gpu_memory_utilization: float = 0.9  # share of each GPU the engine takes (engines sharing a GPU: split it)
+    quantization: str | None = None    # e.g. "awq", "gptq", "fp8" (vLLM's names)
+    max_num_seqs: int | None = None    # concurrent sequences (vLLM default when None)
     trust_remote_code: bool = False
     adapter: str | None = None         # a PEFT LoRA adapter folder, merged into the model on load
 
@@ -56,6 +60,12 @@ class SamplerConfig:
             errs.append(Problem(f"{key}.batch_size", "must be >= 1"))
         if self.max_new_tokens < 1:
             errs.append(Problem(f"{key}.max_new_tokens", "must be >= 1"))
+        if self.tensor_parallel_size < 1:
+            errs.append(Problem(f"{key}.tensor_parallel_size", "must be >= 1"))
+        if not 0 < self.gpu_memory_utilization <= 1:
+            errs.append(Problem(f"{key}.gpu_memory_utilization", "must be in (0, 1]"))
+        if self.max_num_seqs is not None and self.max_num_seqs < 1:
+            errs.append(Problem(f"{key}.max_num_seqs", "must be >= 1 or null"))
         if self.adapter and self.backend == "vllm":
             errs.append(Problem(f"{key}.adapter", "the vllm backend takes merged weights (train.merge_adapter: true, "
                         "then point model at train/merged)"))
@@ -154,6 +164,18 @@ class TransformersBackend:
         return out
 
 
+def engine_kwargs(cfg: SamplerConfig) -> dict:
+    """vLLM's `LLM(...)` arguments for a sampler: the model, its seed, and what fits it to the GPUs."""
+    kwargs = dict(model=cfg.model, dtype=cfg.dtype, seed=cfg.seed, max_model_len=cfg.max_model_len,
+                  limit_mm_per_prompt={"image": 1}, trust_remote_code=cfg.trust_remote_code,
+                  tensor_parallel_size=cfg.tensor_parallel_size, gpu_memory_utilization=cfg.gpu_memory_utilization)
+    if cfg.quantization:
+        kwargs["quantization"] = cfg.quantization
+    if cfg.max_num_seqs:
+        kwargs["max_num_seqs"] = cfg.max_num_seqs
+    return kwargs
+
+
 class VllmBackend:
     """vLLM's offline engine with multi-modal input (GPU nodes; `pip install synthalign[vllm]`)."""
 
@@ -163,8 +185,7 @@ class VllmBackend:
         from vllm import LLM
         self.cfg = cfg
         self.processor = AutoProcessor.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
-        self.llm = LLM(model=cfg.model, dtype=cfg.dtype, seed=cfg.seed, max_model_len=cfg.max_model_len,
-                       limit_mm_per_prompt={"image": 1}, trust_remote_code=cfg.trust_remote_code)
+        self.llm = LLM(**engine_kwargs(cfg))
 
     def answer(self, images, questions, keys, max_new_tokens: int | None = None) -> list[list[str]]:
         """The whole batch in one call (vLLM batches continuously itself); each request seeded by its row."""

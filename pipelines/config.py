@@ -102,6 +102,11 @@ class RunConfig:
         labels = [s.label for s in self.samplers]
         for i, s in enumerate(self.samplers):
             errs += s.validate(f"samplers[{i}]")
+            share = self.pool("sampling", s).num_gpus
+            if s.backend == "vllm" and 0 < share < 1 and s.gpu_memory_utilization > share:
+                # vLLM takes gpu_memory_utilization of the whole device, whatever fraction Ray granted
+                errs.append(Problem(f"samplers[{i}].gpu_memory_utilization",
+                                    f"{s.gpu_memory_utilization:g} of a GPU, but its pool gets {share:g} of one"))
             if labels.count(s.label) > 1:
                 errs.append(Problem(f"samplers[{i}].name", f"'{s.label}' is used twice; give each sampler a distinct name"))
         for name, pool in self.pools.items():
