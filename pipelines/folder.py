@@ -25,6 +25,9 @@ EVAL_PARTS = ("eval", "report", "report.md", "report.html")
 
 
 def _flat(d, prefix: str = "") -> dict:
+    """Dotted keys of nested config dicts; lists of mappings (samplers) by index: samplers[1].n."""
+    if isinstance(d, list) and d and all(isinstance(x, dict) for x in d):
+        return {k: v for i, x in enumerate(d) for k, v in _flat(x, f"{prefix}[{i}]").items()}
     if not isinstance(d, dict):
         return {prefix: d}
     out = {}

@@ -59,3 +59,11 @@ def test_training_without_a_recorded_recipe_is_not_resumed_blindly(tmp_path):
     (run / "train" / "recipe.json").unlink()
     with pytest.raises(InputError, match="unrecorded training recipe"):
         RunFolder(c).prepare(train=True)
+
+
+def test_a_changed_sampler_is_named_by_index(tmp_path):
+    fake_run(cfg(tmp_path))
+    with pytest.raises(InputError, match=r"changed: samplers\[1\]\.n\)"):
+        RunFolder(cfg(tmp_path, "samplers=[{model: .synthalign/tiny/llava, name: tiny-llava-a, n: 2, "
+                                "temperature: 1.0, max_new_tokens: 16}, {model: .synthalign/tiny/llava-b, "
+                                "name: tiny-llava-b, n: 3, temperature: 1.0, max_new_tokens: 16}]")).prepare()
