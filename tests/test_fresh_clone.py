@@ -1,5 +1,5 @@
 """The repository stands alone: its files as git sees them, copied into an empty folder, run the demo's
-generation there. A file outside the copy (say `../shared/`, or the original checkout through the editable
+generation there. A file outside the copy (a folder beside the repo, or the original checkout through the editable
 install) would be missing there or is caught by an audit hook in every Python process of the run."""
 from __future__ import annotations
 
