@@ -156,14 +156,6 @@ def test_train_hash_follows_the_recipe_not_how_it_is_watched():
     assert load_config(ROOT / "configs" / "tiny.yaml", ["train.beta=0.2"]).hash() == base.hash()
 
 
-def _flat(d, prefix=""):
-    if isinstance(d, dict):
-        return {k: v for key, val in d.items() for k, v in _flat(val, f"{prefix}.{key}" if prefix else key).items()}
-    if isinstance(d, list) and d and isinstance(d[0], dict):
-        return {k: v for i, val in enumerate(d) for k, v in _flat(val, f"{prefix}[{i}]").items()}
-    return {prefix: d}
-
-
 # What paper-twin.yaml may change: model paths, sizes, pools, and the named CPU stand-ins (see its header).
 TWIN_MAY_CHANGE = (r"output_dir|tiny_models|tiny_recipe|rows_per_shard|eval\..*|prompts\.num_prompts"
                    r"|images\.(model|steps|height|width|dtype)|selection\.(scorer|model)"
@@ -173,13 +165,13 @@ TWIN_MAY_CHANGE = (r"output_dir|tiny_models|tiny_recipe|rows_per_shard|eval\..*|
 
 def test_paper_twin_differs_from_paper_only_in_paths_sizes_pools_and_cpu_stand_ins():
     import re
-    paper = _flat(load_config(ROOT / "configs" / "paper.yaml").to_dict())
-    twin = _flat(load_config(ROOT / "configs" / "paper-twin.yaml").to_dict())
-    differing = {k for k in paper.keys() | twin.keys() if paper.get(k) != twin.get(k)}
+
+    from pipelines.folder import changed_keys
+    twin_cfg = load_config(ROOT / "configs" / "paper-twin.yaml")
+    differing = changed_keys(load_config(ROOT / "configs" / "paper.yaml").to_dict(), twin_cfg.to_dict())
     assert differing and all(re.fullmatch(TWIN_MAY_CHANGE, k) for k in differing), \
         sorted(k for k in differing if not re.fullmatch(TWIN_MAY_CHANGE, k))
     # The recipe itself is the paper's (published in the paper and the authors' run_dpo.sh).
-    assert {k: twin[k] for k in ("train.beta", "train.learning_rate", "train.projector_lr", "train.global_batch_size",
-                                 "train.deepspeed", "train.loss_type")} == \
-        {"train.beta": 0.1, "train.learning_rate": 1e-5, "train.projector_lr": 2e-5, "train.global_batch_size": 2,
-         "train.deepspeed": "configs/deepspeed/zero2.json", "train.loss_type": "sigmoid"}
+    t = twin_cfg.train
+    assert (t.beta, t.learning_rate, t.projector_lr, t.global_batch_size, t.deepspeed, t.loss_type) == \
+        (0.1, 1e-5, 2e-5, 2, "configs/deepspeed/zero2.json", "sigmoid")
