@@ -17,7 +17,7 @@ from actors.common.runtime import (
 @dataclass
 class SelectionConfig:
     scorer: str = "clip"               # clip | imagereward | none (keep the first candidate)
-    model: str = ""                    # CLIP model id/path, or an ImageReward name ("ImageReward-v1.0")
+    model: str = ""                    # CLIP model id/path; ImageReward folder or name ("ImageReward-v1.0")
     device: str = "auto"
 
     def validate(self) -> list[Problem]:
@@ -55,17 +55,16 @@ class ClipScorer:
 
 
 class ImageRewardScorer:
+    """ImageReward (the paper's selector) through our transformers 5 loader (actors/common/imagereward.py): a folder
+    with ImageReward.pt + med_config.json, or "ImageReward-v1.0" / "THUDM/ImageReward" from the hub."""
+
     def __init__(self, model: str, device: str = "auto", threads: int = 1):
         setup_torch(threads)
-        try:
-            import ImageReward as RM  # optional: the imagereward extra
-        except ImportError:
-            raise ImportError("selection.scorer 'imagereward' needs the image-reward package "
-                              "(pip install 'synthalign[imagereward]')") from None
-        self.model = RM.load(model, device=device_for(device))
+        from actors.common.imagereward import ImageRewardModel
+        self.model = ImageRewardModel(model, device_for(device))
 
     def score(self, images, texts) -> list[float]:
-        return [float(self.model.score(t, [im])) for im, t in zip(images, texts)]
+        return self.model.score(images, texts)
 
 
 class FirstCandidate:

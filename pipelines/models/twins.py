@@ -6,12 +6,16 @@ checkpoints `configs/paper.yaml` names, at sizes a CPU runs in seconds (`synthal
     llava-next-mistral-7b, llava-next-vicuna-13b, llava-next-vicuna-7b
                       LlavaNextForConditionalGeneration + LlavaNextProcessor with any-res tiling; Mistral and
                       Llama language models, as the paper's three LLaVA-1.6 samplers mix families
+    imagereward       ImageReward's own files: ImageReward.pt with BLIP's key names, med_config.json, a BERT
+                      vocab.txt; a ViT 32 wide with 32 px patches on 224 px input, a 2-layer cross-attention BERT
+                      (THUDM/ImageReward)
     armorm            a Llama reward model loaded with trust_remote_code whose output carries `.score`, as
                       RLHFlow/ArmoRM-Llama3-8B-v0.1 does (its modelling file here is ours, written for the twin)
 The policy, LLaVA-1.5, is the tiny `llava` of pipelines/models/tiny.py.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from pipelines.models.tiny import (
@@ -167,6 +171,69 @@ def build_armorm(out: Path, seed: int) -> None:
     (out / "config.json").write_text(json.dumps(config, indent=2))
 
 
+# transformers' BLIP vision names -> the names of BLIP's timm-style ViT that ImageReward.pt uses.
+IR_VIT_NAMES = [(r"^embeddings\.class_embedding$", "cls_token"), (r"^embeddings\.position_embedding$", "pos_embed"),
+                (r"^embeddings\.patch_embedding\.", "patch_embed.proj."), (r"^post_layernorm\.", "norm."),
+                (r"^encoder\.layers\.(\d+)\.layer_norm(\d)\.", r"blocks.\1.norm\2."),
+                (r"^encoder\.layers\.(\d+)\.self_attn\.qkv\.", r"blocks.\1.attn.qkv."),
+                (r"^encoder\.layers\.(\d+)\.self_attn\.projection\.", r"blocks.\1.attn.proj."),
+                (r"^encoder\.layers\.(\d+)\.mlp\.", r"blocks.\1.mlp.")]
+
+
+def bert_vocab() -> list[str]:
+    """A WordPiece vocab.txt in bert-base-uncased's layout ([PAD]=0, [UNK], [CLS], [SEP], [MASK]): the demo's
+    words, then single characters and their ## continuations, so any lower-case ASCII prompt tokenises."""
+    from pipelines.models.tiny import _corpus
+    words = sorted({w.strip(".,!?") for line in _corpus() for w in line.lower().split()} - {""})
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789")
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *".,!?'-:;()\"/", *chars, *["##" + c for c in chars],
+              *words]
+    return list(dict.fromkeys(tokens))
+
+
+def build_imagereward(out: Path, seed: int) -> None:
+    """ImageReward's checkpoint layout, written from transformers' BLIP modules with the keys renamed back to the
+    names ImageReward's BLIP code uses (the loader maps them forward; tests compare against the original code)."""
+    import json
+
+    import torch
+
+    from actors.common.imagereward import build
+    torch.manual_seed(seed)
+    vocab = bert_vocab()
+    (out / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    (out / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True, "model_max_length": 512}))
+    width, hidden = 32, 32
+    med = {"architectures": ["BertModel"], "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu",
+           "hidden_dropout_prob": 0.1, "hidden_size": hidden, "initializer_range": 0.02, "intermediate_size": 64,
+           "layer_norm_eps": 1e-12, "max_position_embeddings": 64, "model_type": "bert", "num_attention_heads": 2,
+           "num_hidden_layers": 2, "pad_token_id": 0, "type_vocab_size": 2, "vocab_size": len(vocab) + 2,
+           "encoder_width": width, "add_cross_attention": True,
+           "vision_heads": 2}   # ours: ImageReward's ViT-L has 16 heads, which the weights do not record
+    (out / "med_config.json").write_text(json.dumps(med, indent=2))
+    net = build(med, {"width": width, "patch": 32, "grid": 7, "depth": 2, "mlp_ratio": 4,   # 224 px / 32 = 7
+                      "head": [(hidden, 1024), (1024, 128), (128, 64), (64, 16), (16, 1)]})   # ImageReward's MLP
+    torch.manual_seed(seed)   # the weights depend on the seed and shapes only, not on transformers' own init
+    ir = {}
+    for name, p in net.state_dict().items():
+        # Random weights at a scale where images and prompts move the score (BLIP's init is near zero here).
+        if name.endswith("weight") and "norm" in name.lower():
+            p = 1 + 0.1 * torch.randn_like(p)
+        elif p.is_floating_point():   # fan-in scaled; the ViT's [CLS]/position embeddings and biases at 0.5
+            p = torch.randn_like(p) * (p[0].numel() ** -0.5 if p.dim() >= 2 and p.shape[0] > 1 else 0.5)
+        part, key = name.split(".", 1)
+        if part == "vision":
+            for pat, rep in IR_VIT_NAMES:
+                key, n = re.subn(pat, rep, key)
+                if n:
+                    break
+        ir[{"vision": "blip.visual_encoder.", "text": "blip.text_encoder.", "mlp": "mlp.layers."}[part] + key] = p
+    ir["blip.text_encoder.embeddings.position_ids"] = torch.arange(med["max_position_embeddings"])[None]
+    ir["blip.vision_proj.weight"], ir["blip.vision_proj.bias"] = torch.randn(256, width), torch.zeros(256)
+    ir["blip.text_proj.weight"], ir["blip.text_proj.bias"] = torch.randn(256, hidden), torch.zeros(256)
+    torch.save(ir, out / "ImageReward.pt")
+
+
 # name -> (builder, seed offset)
 TWINS = {
     "sd3": (build_sd3, 10),
@@ -174,6 +241,7 @@ TWINS = {
     "llava-next-vicuna-13b": (lambda out, seed: llava_next(out, seed, "llama"), 12),
     "llava-next-vicuna-7b": (lambda out, seed: llava_next(out, seed, "llama"), 13),
     "armorm": (build_armorm, 14),
+    "imagereward": (build_imagereward, 15),
 }
 
 

@@ -50,6 +50,33 @@ def test_llava_next_twins_answer_through_the_sampling_stage_with_any_res_tiles(t
     assert [len(a) for a in out.column("answers").to_pylist()] == [2, 2]
 
 
+def test_imagereward_twin_has_imagereward_files_and_selects_through_the_selection_stage(twin_models):
+    import torch
+
+    from actors.select import ImageSelection, SelectionConfig
+    folder = twin_models["imagereward"]
+    assert {"ImageReward.pt", "med_config.json", "vocab.txt"} <= {p.name for p in folder.iterdir()}
+    keys = torch.load(folder / "ImageReward.pt", weights_only=True).keys()
+    assert {"blip.visual_encoder.blocks.1.attn.qkv.weight", "blip.text_encoder.encoder.layer.1.crossattention."
+            "self.key.weight", "mlp.layers.7.weight"} <= set(keys)   # BLIP's and ImageReward's own names
+    stage = ImageSelection(SelectionConfig(scorer="imagereward", model=str(folder)))
+    net = stage.scorer.model.net
+    assert (type(net["vision"]).__name__, type(net["text"]).__name__) == ("BlipVisionModel", "BlipTextModel")
+    cands = [[png(64, 64, (200, 30, 30)), png(80, 48, (20, 20, 220)), png(48, 80, (240, 240, 240))],
+             [png(64, 64, (10, 120, 10)), png(64, 64, (250, 200, 0))]]
+    prompts = ["a red dog on a table", "a yellow car"]
+    out = stage(pa.table({"image_prompt": prompts, "candidate_images": cands,
+                          "candidate_seeds": [[1, 2, 3], [4, 5]], "candidate_guidance": [[5.0, 7.0, 9.0], [5.0, 7.0]]}))
+    scores = out.column("candidate_scores").to_pylist()
+    alone = [[stage.scorer.score([Image.open(io.BytesIO(b)).convert("RGB")], [p])[0] for b in row]
+             for row, p in zip(cands, prompts)]
+    assert [len(s) for s in scores] == [3, 2] and scores[0] == pytest.approx(alone[0], abs=1e-5)
+    assert scores[1] == pytest.approx(alone[1], abs=1e-5) and len(set(scores[0])) == 3
+    best = [max(range(len(s)), key=s.__getitem__) for s in scores]
+    assert out.column("image").to_pylist() == [row[b] for row, b in zip(cands, best)]
+    assert out.column("seed").to_pylist() == [[1, 2, 3][best[0]], [4, 5][best[1]]]
+
+
 def test_armorm_twin_loads_remote_code_scores_and_batches_like_one_at_a_time(twin_models):
     from actors.rewards import RewardsConfig, TextReward
     reward = TextReward(RewardsConfig(text_model=str(twin_models["armorm"]), trust_remote_code=True))
