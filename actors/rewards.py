@@ -83,24 +83,50 @@ def coverage(claims: list[list[str]], gt: set[str], asked: str | None) -> list[f
     return [len(relevant & set(cl)) / len(relevant) for cl in claims]
 
 
+def remote_code_shims() -> None:
+    """ArmoRM's modeling_custom.py imports LLAMA_INPUTS_DOCSTRING, a docstring constant transformers 5 removed
+    (ImportError at load), only to decorate `forward`: an empty one lets the hub file import unchanged."""
+    from transformers.models.llama import modeling_llama
+    if not hasattr(modeling_llama, "LLAMA_INPUTS_DOCSTRING"):
+        modeling_llama.LLAMA_INPUTS_DOCSTRING = ""
+
+
 class TextReward:
     def __init__(self, cfg: RewardsConfig):
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
         self.torch, self.cfg, self.device = torch, cfg, device_for(cfg.device)
+        if cfg.trust_remote_code:
+            remote_code_shims()
         self.tok = AutoTokenizer.from_pretrained(cfg.text_model, trust_remote_code=cfg.trust_remote_code)
         self.model = AutoModelForSequenceClassification.from_pretrained(
             cfg.text_model, dtype=torch_dtype(cfg.dtype), trust_remote_code=cfg.trust_remote_code
         ).to(self.device).eval()
+        # ArmoRM pools the last token before the first `config.pad_token_id` (-1 wraps to the last token, so
+        # right and left padding both work). A padded batch needs the tokenizer to pad with exactly that id, one
+        # the embeddings hold and that is not eos; otherwise each text is scored alone, unpadded.
+        tok_pad, self.model_pad = self.tok.pad_token_id, getattr(self.model.config, "pad_token_id", None)
+        self.batched = (tok_pad is not None and tok_pad != self.tok.eos_token_id
+                        and self.model_pad in (None, tok_pad)
+                        and tok_pad < self.model.get_input_embeddings().num_embeddings)
+        # Even alone, a text holding the pad id (e.g. pad = <|eot_id|>, which Llama 3's template writes after each
+        # turn) would be pooled at that token: refuse such a model at load rather than score the wrong token.
+        # (transformers' own classes pool the last non-pad token instead, so this is for remote code.)
+        probe = self.tok(self._texts(["q"], ["a"]), add_special_tokens=False)["input_ids"][0]
+        remote = not type(self.model).__module__.startswith("transformers.")
+        if remote and self.model_pad is not None and self.model_pad in probe:
+            raise ValueError(f"rewards.text_model: the model's pad_token_id {self.model_pad} "
+                             f"({self.tok.convert_ids_to_tokens(self.model_pad)!r}) occurs in its own chat template, "
+                             "so last-token pooling would read the wrong token")
 
-    def score(self, questions: list[str], answers: list[str]) -> list[float]:
+    def _texts(self, questions: list[str], answers: list[str]) -> list[str]:
         chats = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}]
                  for q, a in zip(questions, answers)]
-        texts = [self.tok.apply_chat_template(c, tokenize=False) for c in chats]
-        # Reward models pool the last token before the first pad (ArmoRM: by pad_token_id). Without a pad token
-        # of its own a padded batch would pool the wrong token, so such a tokenizer scores one text per call.
-        own_pad = self.tok.pad_token_id is not None and self.tok.pad_token_id != self.tok.eos_token_id
-        if not own_pad:
+        return [self.tok.apply_chat_template(c, tokenize=False) for c in chats]
+
+    def score(self, questions: list[str], answers: list[str]) -> list[float]:
+        texts = self._texts(questions, answers)
+        if not self.batched:
             return [s for t in texts for s in self._scores([t])]
         return self._scores(texts)
 

@@ -9,8 +9,8 @@ checkpoints `configs/paper.yaml` names, at sizes a CPU runs in seconds (`synthal
     imagereward       ImageReward's own files: ImageReward.pt with BLIP's key names, med_config.json, a BERT
                       vocab.txt; a ViT 32 wide with 32 px patches on 224 px input, a 2-layer cross-attention BERT
                       (THUDM/ImageReward)
-    armorm            a Llama reward model loaded with trust_remote_code whose output carries `.score`, as
-                      RLHFlow/ArmoRM-Llama3-8B-v0.1 does (its modelling file here is ours, written for the twin)
+    armorm            LlamaForRewardModelWithGating loaded with trust_remote_code: ArmoRM's modelling file
+                      (RLHFlow/ArmoRM-Llama3-8B-v0.1) rewritten to behave as it does, gating network included
 The policy, LLaVA-1.5, is the tiny `llava` of pipelines/models/tiny.py.
 """
 from __future__ import annotations
@@ -25,40 +25,85 @@ from pipelines.models.tiny import (
     build_tokenizer,
 )
 
-# ArmoRM's custom code, reduced to what its interface promises: a Llama backbone, a regression head over the
-# last token's hidden state, and an output whose `score` is the preference score (ArmoRM mixes 19 objectives
-# through a gating network; the twin's head stands in for that mix).
+# ArmoRM's custom code as RLHFlow/ArmoRM-Llama3-8B-v0.1's modeling_custom.py has it, rewritten by us (read, not
+# copied: the hub file states no licence of its own, the model is under the Llama 3 licence): the same class,
+# parameter names, config fields and imports (LLAMA_INPUTS_DOCSTRING, which transformers 5 removed: actors/rewards.py
+# shims it), a gating network reading the prompt at the assistant header, 19 objectives mixed by it, and the
+# pooling of the last token before the first pad_token_id. Only the header's token ids differ (Llama 3's there).
 ARMORM_CODE = '''
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from transformers import LlamaModel, LlamaPreTrainedModel
-from transformers.utils import ModelOutput
+from transformers.models.llama.modeling_llama import LLAMA_INPUTS_DOCSTRING
+from transformers.utils import ModelOutput, add_start_docstrings_to_model_forward
+
+# The gating network reads the prompt where this id sequence last occurs (ArmoRM: Llama 3's
+# "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\\n\\n"; the twin: its tokenizer's " ASSISTANT:").
+GATING_PATTERN = None
+
+
+class GatingNetwork(nn.Module):
+    """Prompt state -> ReLU MLP -> softmax over the objectives at a temperature, times a learned scale."""
+
+    def __init__(self, in_features, out_features, temperature=10.0, hidden_dim=1024, n_hidden=3):
+        super().__init__()
+        self.temperature = temperature
+        self.logit_scale = nn.Parameter(torch.ones(1))
+        sizes = [in_features] + [hidden_dim] * n_hidden + [out_features]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes, sizes[1:]))
+
+    def forward(self, x):
+        for layer in self.layers[:-1]:
+            x = torch.relu(layer(x))
+        return torch.softmax(self.layers[-1](x) / self.temperature, dim=1) * self.logit_scale[0]
+
+
+def gating_position(ids):
+    n = len(GATING_PATTERN)
+    for j in range(len(ids) - n, -1, -1):
+        if ids[j:j + n] == GATING_PATTERN:
+            return j
+    raise ValueError("gating token pattern not found")
 
 
 @dataclass
-class ArmoRMOutput(ModelOutput):
+class CustomOutput(ModelOutput):
     rewards: torch.FloatTensor = None
     hidden_state: torch.FloatTensor = None
+    prompt_embedding: torch.FloatTensor = None
+    gating_output: torch.FloatTensor = None
     score: torch.FloatTensor = None
+    logits: torch.FloatTensor = None
 
 
 class LlamaForRewardModelWithGating(LlamaPreTrainedModel):
     def __init__(self, config):
         super().__init__(config)
         self.model = LlamaModel(config)
-        self.regression_layer = torch.nn.Linear(config.hidden_size, config.num_objectives, bias=False)
-        self.score_weights = torch.nn.Parameter(torch.ones(config.num_objectives) / config.num_objectives)
+        extra = config.to_dict()
+        self.num_objectives = extra.get("num_objectives", 19)
+        self.regression_layer = nn.Linear(config.hidden_size, self.num_objectives, bias=False)
         self.post_init()
+        self.reward_transform_matrix = nn.Parameter(torch.zeros(self.num_objectives, self.num_objectives)
+                                                    .fill_diagonal_(1.0), requires_grad=False)
+        self.gating = GatingNetwork(config.hidden_size, self.num_objectives, extra.get("gating_temperature", 10),
+                                    extra.get("gating_hidden_dim", 1024), extra.get("gating_n_hidden", 3))
 
+    @add_start_docstrings_to_model_forward(LLAMA_INPUTS_DOCSTRING)
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
-        # As ArmoRM: the last token before the first pad (pad_token_id marks where a sequence ends).
-        ends = torch.eq(input_ids, self.config.pad_token_id).int().argmax(-1) - 1
-        ends = (ends % input_ids.shape[-1]).to(hidden.device)
-        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), ends]
+        hidden = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids)[0]
+        rows = torch.arange(input_ids.shape[0], device=hidden.device)
+        # The last token before the first pad_token_id; with none, -1 wraps round to the last token.
+        ends = (torch.eq(input_ids, self.config.pad_token_id).int().argmax(-1) - 1) % input_ids.shape[-1]
+        last = hidden[rows, ends.to(hidden.device)]
         rewards = self.regression_layer(last)
-        return ArmoRMOutput(rewards=rewards, hidden_state=last, score=rewards @ self.score_weights)
+        prompt = hidden[rows, [gating_position(ids.tolist()) for ids in input_ids]]
+        gates = self.gating(prompt)
+        score = (gates * (rewards @ self.reward_transform_matrix)).sum(dim=1)
+        return CustomOutput(rewards=rewards, hidden_state=last, prompt_embedding=prompt, gating_output=gates,
+                            score=score, logits=score)
 '''
 
 
@@ -151,6 +196,8 @@ def build_armorm(out: Path, seed: int) -> None:
 
     import torch
     from transformers import LlamaConfig
+
+    from actors.rewards import remote_code_shims
     torch.manual_seed(seed)
     tok = build_tokenizer()
     tok.chat_template = LLAVA_CHAT_TEMPLATE
@@ -158,10 +205,13 @@ def build_armorm(out: Path, seed: int) -> None:
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    (out / "modeling_custom.py").write_text(ARMORM_CODE)
+    pattern = tok.encode(" ASSISTANT:", add_special_tokens=False)   # what the chat template puts before an answer
+    code = ARMORM_CODE.replace("GATING_PATTERN = None", f"GATING_PATTERN = {pattern}")
+    (out / "modeling_custom.py").write_text(code)
+    remote_code_shims()
     namespace: dict = {}
-    exec(compile(ARMORM_CODE, str(out / "modeling_custom.py"), "exec"), namespace)   # the class the hub file defines
-    cfg.num_objectives = 19
+    exec(compile(code, str(out / "modeling_custom.py"), "exec"), namespace)   # the class the hub file defines
+    cfg.num_objectives, cfg.gating_temperature, cfg.gating_hidden_dim, cfg.gating_n_hidden = 19, 10, 32, 3
     model = namespace["LlamaForRewardModelWithGating"](cfg)
     model.save_pretrained(out)
     tok.save_pretrained(out)

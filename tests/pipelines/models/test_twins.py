@@ -80,9 +80,35 @@ def test_imagereward_twin_has_imagereward_files_and_selects_through_the_selectio
 def test_armorm_twin_loads_remote_code_scores_and_batches_like_one_at_a_time(twin_models):
     from actors.rewards import RewardsConfig, TextReward
     reward = TextReward(RewardsConfig(text_model=str(twin_models["armorm"]), trust_remote_code=True))
-    assert type(reward.model).__name__ == "LlamaForRewardModelWithGating"
+    model = reward.model
+    assert type(model).__name__ == "LlamaForRewardModelWithGating" and reward.batched
+    # ArmoRM's layout: 19 objectives mixed by a 3-hidden-layer gating network through an identity transform
+    assert model.regression_layer.out_features == 19 and len(model.gating.layers) == 4
+    assert torch_equal_eye(model.reward_transform_matrix)
     questions = ["What is this?", "Describe the image in detail please.", "Is there a dog?"]
     answers = ["A dog.", "There are two cats sitting in a green park next to a wooden bench.", "No."]
     batched = reward.score(questions, answers)
     single = [reward.score([q], [a])[0] for q, a in zip(questions, answers)]
     assert batched == pytest.approx(single, abs=1e-5) and len(set(batched)) == 3
+    # the pooled token is the last before the first pad id, which -1 wraps to the end: left padding works too
+    reward.tok.padding_side = "left"
+    assert reward.score(questions, answers) == pytest.approx(single, abs=1e-5)
+
+
+def torch_equal_eye(m) -> bool:
+    import torch
+    return torch.equal(m, torch.eye(m.shape[0], dtype=m.dtype))
+
+
+def test_armorm_style_model_whose_pad_id_is_in_its_chat_template_is_refused_at_load(twin_models, tmp_path):
+    import json
+    import shutil
+
+    from actors.rewards import RewardsConfig, TextReward
+    folder = tmp_path / "armorm-pad-eos"
+    shutil.copytree(twin_models["armorm"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["pad_token_id"] = config["eos_token_id"]   # "</s>", which the chat template writes after an answer
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="pad_token_id 2 .*'</s>'.* occurs in its own chat template"):
+        TextReward(RewardsConfig(text_model=str(folder), trust_remote_code=True))
