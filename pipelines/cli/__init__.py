@@ -95,8 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=".synthalign/tiny")
     p.add_argument("--recipe", choices=["tiny", "paper", "shapes"],
                    help="tiny: the CPU demo's models; paper: random-weight twins of configs/paper.yaml's models "
-                        "(SD3, LLaVA-NeXT, ArmoRM-style reward, LLaVA-1.5); shapes: a small LLaVA pretrained on the "
-                        "shapes world (a few minutes on CPU)")
+                        "(SD3, ImageReward, LLaVA-NeXT, ArmoRM-style reward, LLaVA-1.5); shapes: a small LLaVA "
+                        "pretrained on the shapes world (a few minutes on CPU)")
     p.add_argument("--world", choices=["tiny", "shapes"], default="tiny", help="older spelling of --recipe")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_make_tiny)
