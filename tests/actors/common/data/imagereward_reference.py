@@ -2,8 +2,9 @@
 
 Not a test: run it in a separate venv where that code imports (transformers 4.x), on the twin checkpoint that
 `pipelines.models.twins.build_imagereward` writes (seed 15, as make_twins(seed=0) builds it):
-    venv: torch 2.14.1 + torchvision 0.29.1, transformers 4.46.3, timm 0.6.13, fairscale 0.4.13,
-          image-reward 1.5 (--no-deps)
+    pip install torch==2.14.1 torchvision==0.29.1    # timm needs torchvision; PyPI's did not import beside 2.13.0
+    pip install transformers==4.46.3 timm==0.6.13 "numpy<2.3" pillow huggingface_hub
+    pip install --no-build-isolation fairscale==0.4.13 && pip install --no-deps image-reward==1.5
     python imagereward_reference.py <twin folder> > imagereward_golden.json
 ImageReward's code hard-codes ViT-L and MLP(768) and fetches bert-base-uncased; the script swaps only those sizes
 (create_vit, MLP) and the tokenizer's source (the twin's vocab.txt), then runs ImageReward.score and inference_rank
