@@ -42,7 +42,7 @@ def sampler(request, tmp_path_factory):
 
 
 def images():
-    # Sizes that LLaVA-NeXT's any-res tiles differently (1, 2 and 5 tiles of 32 px).
+    # Three shapes, so LLaVA-NeXT's any-res picks a different grid of 32 px tiles for each.
     return [Image.new("RGB", size, c) for size, c in (((32, 32), "red"), ((64, 32), "green"), ((80, 48), "blue"))]
 
 
