@@ -42,7 +42,7 @@ def sampler(request, tmp_path_factory):
 
 
 def images():
-    # Three shapes, so LLaVA-NeXT's any-res picks a different grid of 32 px tiles for each.
+    # Different shapes: LLaVA-NeXT's any-res cuts each into 32 px tiles by its own aspect (80x48: a 2x2 grid).
     return [Image.new("RGB", size, c) for size, c in (((32, 32), "red"), ((64, 32), "green"), ((80, 48), "blue"))]
 
 
