@@ -39,6 +39,7 @@ class SamplerConfig:
     gpu_memory_utilization: float = 0.9  # share of each GPU the engine takes (engines sharing a GPU: split it)
     quantization: str | None = None    # e.g. "awq", "gptq", "fp8" (vLLM's names)
     max_num_seqs: int | None = None    # concurrent sequences (vLLM default when None)
+    enforce_eager: bool = False        # vllm: skip torch.compile / CUDA graphs (starts minutes sooner; the CPU lane)
     trust_remote_code: bool = False
     adapter: str | None = None         # a PEFT LoRA adapter folder, merged into the model on load
 
@@ -173,6 +174,8 @@ def engine_kwargs(cfg: SamplerConfig) -> dict:
         kwargs["quantization"] = cfg.quantization
     if cfg.max_num_seqs:
         kwargs["max_num_seqs"] = cfg.max_num_seqs
+    if cfg.enforce_eager:
+        kwargs["enforce_eager"] = True
     return kwargs
 
 
