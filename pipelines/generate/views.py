@@ -93,7 +93,7 @@ def _usable(out: Path, state: dict | None, shard_names: set[str]) -> bool:
     """A state whose views or folded shards went missing (deleted by hand) is dropped: rebuild from scratch."""
     if state is None or state.get("version") != 1:
         return False
-    return (set(state["folded"]) <= shard_names and all((out / v).is_dir() for v in ("pairs", "candidates"))
+    return (set(state["folded"]) <= shard_names and all((out / v).is_dir() for v in VIEWS)
             and all((out / STATE_DIR / k).exists() for k in state["key_files"]))
 
 
