@@ -12,13 +12,12 @@ encoding 16K of them takes a minute instead of an hour), written a file at a tim
 """
 from __future__ import annotations
 
-import resource
 import shutil
 import time
 from pathlib import Path
 
 from pipelines.bench.child import run_child
-from pipelines.bench.meter import load_avg
+from pipelines.bench.meter import load_avg, median, peak_rss_mb
 
 
 def noise_png(rng, px: int) -> bytes:
@@ -81,13 +80,17 @@ def write_noise_scored(scored: Path, n: int, px: int, rows_per_shard: int = 64, 
 
 
 def finalize_child(out: str, rows_per_file: int) -> dict:
-    """One finalize in a process of its own: its wall time and the process's peak RSS."""
+    """One finalize in a process of its own: its wall time, CPU time and the process's peak RSS."""
+    import pyarrow.compute  # noqa: F401  imported before the clock starts: a fold's cost, not an import's
+    import pyarrow.dataset  # noqa: F401
+    import pyarrow.parquet  # noqa: F401
+
     import pipelines.generate.outputs as outputs
     t0, c0 = time.time(), time.process_time()
     counts = outputs.finalize(Path(out), rows_per_file)
     return {"seconds": round(time.time() - t0, 2), "cpu_seconds": round(time.process_time() - c0, 3),
             "counts": counts,
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+            "peak_rss_mb": peak_rss_mb()}
 
 
 def _mb(folder: Path) -> int:
@@ -106,7 +109,7 @@ def train_child(address: str, model: str, data: str, out: str, steps: int) -> di
     summary = run_train(cfg, data, out, resume=False)
     return {"seconds": round(time.time() - t0, 1), "worker_peak_rss_mb": summary["peak_rss_mb_by_rank"],
             "worker_peak_anon_mb": summary["peak_anon_mb_by_rank"],
-            "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "driver_peak_rss_mb": peak_rss_mb(),
             "rows_used": summary["rows_used"], "steps": summary["steps"]}
 
 
@@ -143,9 +146,9 @@ def bench_scale(work: Path, tiny: Path, sizes=(1000, 16000), px: int = 512, step
             "resume_ratio": views["resume_ratio"], "load_avg_after": load_avg()}
 
 
-def bench_views(work: Path, n: int, px: int, rows_per_shard: int, rows_per_file: int) -> dict:
-    """Fold `n` pairs from scratch, then one more shard on top (a resume), then that shard alone in a folder of
-    its own: the resume should cost about what its shard costs, not what the folder holds."""
+def bench_views(work: Path, n: int, px: int, rows_per_shard: int, rows_per_file: int, repeats: int = 3) -> dict:
+    """Fold `n` pairs from scratch, then `repeats` times one more shard on top (a resume) and that shard alone in
+    a folder of its own: a resume should cost about what its shard costs, not what the folder holds."""
     run, alone = work / f"views-{n}-{px}", work / f"views-alone-{px}"
     for d in (run, alone):
         shutil.rmtree(d, ignore_errors=True)
@@ -154,16 +157,22 @@ def bench_views(work: Path, n: int, px: int, rows_per_shard: int, rows_per_file:
     made = round(time.time() - t0, 1)
     args = {"out": str(run), "rows_per_file": rows_per_file}
     full = run_child("finalize-child", args)
-    before = set((run / "scored").iterdir())
-    write_noise_scored(run / "scored", rows_per_shard, px, rows_per_shard, start=n, seed=1)
-    (new,) = set((run / "scored").iterdir()) - before
-    resume = run_child("finalize-child", args)
-    (alone / "scored").mkdir(parents=True)
-    shutil.copy(new, alone / "scored" / new.name)
-    only = run_child("finalize-child", {"out": str(alone), "rows_per_file": rows_per_file})
+    resumes, alones = [], []
+    for i in range(repeats):
+        before = set((run / "scored").iterdir())
+        write_noise_scored(run / "scored", rows_per_shard, px, rows_per_shard, start=n + i * rows_per_shard, seed=i + 1)
+        (new,) = set((run / "scored").iterdir()) - before
+        resumes.append(run_child("finalize-child", args))
+        shutil.rmtree(alone, ignore_errors=True)
+        (alone / "scored").mkdir(parents=True)
+        shutil.copy(new, alone / "scored" / new.name)
+        alones.append(run_child("finalize-child", {"out": str(alone), "rows_per_file": rows_per_file}))
     sizes = {"scored_mb": _mb(run / "scored"), "pairs_mb": _mb(run / "pairs"), "candidates_mb": _mb(run / "candidates"),
              "state_kb": round(sum(f.stat().st_size for f in (run / ".views").iterdir()) / 1024, 1)}
     for d in (run, alone):
         shutil.rmtree(d, ignore_errors=True)
+    resume_cpu, alone_cpu = median([r["cpu_seconds"] for r in resumes]), median([r["cpu_seconds"] for r in alones])
     return {"pairs": n, "shard_rows": rows_per_shard, "write_seconds": made, **sizes, "full": full,
-            "resume": resume, "alone": only, "resume_ratio": round(resume["cpu_seconds"] / only["cpu_seconds"], 2)}
+            "resumes": resumes, "alones": alones, "resume_cpu_s": resume_cpu, "alone_cpu_s": alone_cpu,
+            "resume_wall_s": median([r["seconds"] for r in resumes]), "alone_wall_s": median([r["seconds"] for r in alones]),
+            "resume_ratio": round(resume_cpu / alone_cpu, 2)}

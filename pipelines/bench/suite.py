@@ -103,7 +103,7 @@ def markdown(r: dict) -> str:
                   f"{v['full']['peak_rss_mb']} MB)", _target("scale", "finalize_rss_ratio"),
                   met("scale", "finalize_rss_ratio", s["finalize_rss_ratio"])),
                  ("scale", f"finalize of one {v['shard_rows']}-row shard on top of {v['pairs']} pairs / alone "
-                  "(CPU s)", f"{v['resume_ratio']}× ({v['resume']['cpu_seconds']} s vs {v['alone']['cpu_seconds']} s)",
+                  "(CPU s, median)", f"{v['resume_ratio']}× ({v['resume_cpu_s']} s vs {v['alone_cpu_s']} s)",
                   _target("scale", "resume_ratio"), met("scale", "resume_ratio", v["resume_ratio"]))]
     for shape, s in r.get("cluster", {}).items():
         if shape == "bench_seconds":

@@ -110,11 +110,9 @@ def _read_keys(out: Path, state: dict):
 
 def _read_errors(out: Path) -> dict:
     """pair_key -> error row, in view order (the first failed row of each unresolved key)."""
-    import pyarrow.dataset as pads
-    if not (out / "errors").is_dir() or not list((out / "errors").glob("*.parquet")):
-        return {}
-    files = sorted(str(f) for f in (out / "errors").glob("*.parquet"))
-    return {r["pair_key"]: r for r in pads.dataset(files, format="parquet").to_table().to_pylist()}
+    import pyarrow.parquet as pq
+    files = sorted((out / "errors").glob("*.parquet")) if (out / "errors").is_dir() else []
+    return {r["pair_key"]: r for f in files for r in pq.read_table(f).to_pylist()}
 
 
 def fold(out: Path, rows_per_file: int, shards: list[Path], fold_rows) -> dict:
