@@ -33,6 +33,10 @@ class ImagesConfig:
     device: str = "auto"
     seed: int = 0
     negative_prompt: str | None = None
+    # Side (px) of the image the run stores and every later stage sees: the policy processor's input (336 for
+    # LLaVA-1.5); the shorter side is scaled to it, never up. null: keep the render size.
+    store_size: int | None = None
+    keep_render: bool = False          # also keep the chosen full render (scored/ column `image_render`)
 
     def validate(self) -> list[Problem]:
         errs = []
@@ -44,6 +48,8 @@ class ImagesConfig:
             errs.append(Problem("images.guidance_scales", "must list at least one guidance scale"))
         if self.per_scale < 1 or self.steps < 1 or self.batch_size < 1 or self.height < 8 or self.width < 8:
             errs.append(Problem("images", "per_scale, steps and batch_size must be >= 1, height and width >= 8"))
+        if self.store_size is not None and (isinstance(self.store_size, bool) or self.store_size < 8):
+            errs.append(Problem("images.store_size", "must be an integer >= 8 or null (keep the render size)"))
         return errs
 
     @property
@@ -66,8 +72,20 @@ def _warn_once(logger_name: str, prefix: str) -> None:
         handler.addFilter(first_only)
 
 
+def stored(image, store_size: int | None):
+    """The image as stored: its shorter side scaled down to `store_size` (aspect kept; the processor crops)."""
+    if store_size is None or min(image.size) <= store_size:
+        return image
+    from PIL import Image
+    w, h = image.size
+    scale = store_size / min(w, h)
+    return image.resize((max(store_size, round(w * scale)), max(store_size, round(h * scale))),
+                        Image.Resampling.BICUBIC)
+
+
 class ImageSynthesis:
     REQUIRES = ("prompt_id", "image_prompt")
+    # candidate_renders (the full renders) too when keep_render; selection keeps the chosen one.
     ADDS = ("candidate_images", "candidate_seeds", "candidate_guidance", "stage_nodes")
 
     def __init__(self, cfg: ImagesConfig, threads: int = 1):
@@ -115,6 +133,7 @@ class ImageSynthesis:
         prompts = batch.column("image_prompt").to_pylist()
         n, b = cfg.num_candidates, (1 if cfg.backend == "shapes" else cfg.batch_size)
         images = [[b""] * n for _ in pids]
+        renders = [[b""] * n for _ in pids] if cfg.keep_render else None
         seeds = [[candidate_seed(pid, k, cfg.seed) for k in range(n)] for pid in pids]
         for gi, g in enumerate(cfg.guidance_scales):
             todo = [(r, k) for r in range(len(pids)) for k in range(gi * cfg.per_scale, (gi + 1) * cfg.per_scale)]
@@ -123,10 +142,15 @@ class ImageSynthesis:
                 padded = call + [call[-1]] * (b - len(call))
                 out = self.render_batch([prompts[r] for r, _ in padded], [seeds[r][k] for r, k in padded], g)
                 for (r, k), img in zip(call, out):
-                    images[r][k] = png_bytes(img)
+                    images[r][k] = png_bytes(stored(img, cfg.store_size))
+                    if renders is not None:
+                        renders[r][k] = png_bytes(img)
         scales = [[float(cfg.guidance_scales[k // cfg.per_scale]) for k in range(n)] for _ in pids]
         import pyarrow as pa
         batch = add_node_tag(batch, "images")
-        return with_columns(batch, {"candidate_images": pa.array(images, pa.list_(pa.binary())),
-                                    "candidate_seeds": pa.array(seeds, pa.list_(pa.int64())),
-                                    "candidate_guidance": pa.array(scales, pa.list_(pa.float64()))})
+        cols = {"candidate_images": pa.array(images, pa.list_(pa.binary())),
+                "candidate_seeds": pa.array(seeds, pa.list_(pa.int64())),
+                "candidate_guidance": pa.array(scales, pa.list_(pa.float64()))}
+        if renders is not None:
+            cols["candidate_renders"] = pa.array(renders, pa.list_(pa.binary()))
+        return with_columns(batch, cols)

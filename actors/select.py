@@ -77,7 +77,9 @@ class FirstCandidate:
 class ImageSelection:
     REQUIRES = ("image_prompt", "candidate_images", "candidate_seeds", "candidate_guidance")
     ADDS = ("image", "image_score", "seed", "guidance_scale", "candidate_scores")
-    DROPS = ("candidate_images",)  # only the best image travels on
+    # Only the best image travels on; with images.keep_render, `candidate_renders` arrives too and the best's
+    # render leaves as `image_render`.
+    DROPS = ("candidate_images", "candidate_renders")
 
     def __init__(self, cfg: SelectionConfig, threads: int = 1):
         if cfg.scorer == "none":  # e.g. the shapes world: every candidate shows the prompt exactly
@@ -98,7 +100,7 @@ class ImageSelection:
         seeds = batch.column("candidate_seeds").to_pylist()
         scales = batch.column("candidate_guidance").to_pylist()
         out = {"image": [], "image_score": [], "seed": [], "guidance_scale": [], "candidate_scores": []}
-        i = 0
+        i, best_of = 0, []
         for r, row in enumerate(cands):
             scores = flat[i:i + len(row)]
             i += len(row)
@@ -108,6 +110,11 @@ class ImageSelection:
             out["seed"].append(seeds[r][best])
             out["guidance_scale"].append(scales[r][best])
             out["candidate_scores"].append([float(s) for s in scores])
+            best_of.append(best)
         import pyarrow as pa
         out["image"] = pa.array(out["image"], pa.binary())
-        return with_columns(add_node_tag(batch.drop_columns(list(self.DROPS)), "selection"), out)
+        if "candidate_renders" in batch.column_names:
+            renders = batch.column("candidate_renders").to_pylist()
+            out["image_render"] = pa.array([row[b] for row, b in zip(renders, best_of)], pa.binary())
+        drops = [c for c in self.DROPS if c in batch.column_names]
+        return with_columns(add_node_tag(batch.drop_columns(drops), "selection"), out)

@@ -53,7 +53,7 @@ class RunConfig:
     # time-shares the cores. GPU clusters keep a pool per stage, each model on its own devices.
     fuse: bool = False
     train: TrainConfig = field(default_factory=TrainConfig)
-    min_rows_per_file: int = 1000      # rows per Parquet file in pairs/, candidates/, errors/
+    min_rows_per_file: int = 1000      # rows per view file (pairs/, candidates/): each fold appends its own, <= 128 MB
     rows_per_shard: int = 64           # rows per scored/ shard: what a crash can cost to redo
     max_error_fraction: float = 0.05   # share of image-questions allowed to fail before the job fails
     faults: FaultConfig | None = None  # test-only fault injection

@@ -19,7 +19,7 @@ from actors.common.errors import InputError
 from actors.common.files import atomic_write
 from pipelines.config import RunConfig
 
-DATA_PARTS = ("scored", "pairs", "candidates", "errors", ".faults", "manifest.json")
+DATA_PARTS = ("scored", "pairs", "candidates", "errors", ".views", ".faults", "manifest.json")
 TRAIN_PARTS = ("train",)
 EVAL_PARTS = ("eval", "report", "report.md", "report.html")
 
@@ -37,9 +37,13 @@ def _flat(d, prefix: str = "") -> dict:
 
 
 def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two config dicts."""
+    """Dotted keys whose values differ between two config dicts. A key only one side has counts as unchanged
+    when it is null or false there: an option added later (e.g. images.keep_render), off, changes no data."""
     a, b = _flat(old, prefix), _flat(new, prefix)
-    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    def off(v):
+        return v is None or v is False
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k)
+                  and not ((k not in a and off(b[k])) or (k not in b and off(a[k]))))
 
 
 class RunFolder:

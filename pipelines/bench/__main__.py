@@ -9,6 +9,9 @@ if __name__ == "__main__":
     if kind == "scaling-child":
         from pipelines.bench.streaming import scaling_child
         result = scaling_child(**arg)
+    elif kind == "finalize-child":
+        from pipelines.bench.scale import finalize_child
+        result = finalize_child(**arg)
     elif kind == "train-child":
         from pipelines.bench.scale import train_child
         result = train_child(**arg)

@@ -1,46 +1,100 @@
-"""Scale: does memory grow with the dataset? Training worker and driver peak RSS at two dataset sizes.
+"""Scale: does memory or finalize cost grow with the dataset?
 
-Workers report two figures: peak RSS (ru_maxrss, which also counts the pages of the memory-mapped records they
-have read: page cache the kernel reclaims at will) and peak anonymous RSS (the memory the process really holds).
+Training: worker and driver peak RSS at two dataset sizes. Workers report two figures: peak RSS (ru_maxrss, which
+also counts the pages of the memory-mapped records they have read: page cache the kernel reclaims at will) and
+peak anonymous RSS (the memory the process really holds).
 
-Pairs of incompressible (noise) PNGs at a real image size, written in row groups so that making them holds one
-group at a time; then `run_train` for a few steps with 2 workers in a driver subprocess of its own (its peak RSS
-is the driver's), each worker reporting its own peak RSS in summary.json.
+Views: `finalize` over a scored/ log of noise pairs (a full fold, in a process of its own: its peak RSS), then
+one more shard on top (a resume's fold) against the same shard folded alone.
+
+Pairs are incompressible noise PNGs at a real image size (zlib stored blocks: noise does not compress, and
+encoding 16K of them takes a minute instead of an hour), written a file at a time.
 """
 from __future__ import annotations
 
-import resource
+import shutil
 import time
 from pathlib import Path
 
 from pipelines.bench.child import run_child
-from pipelines.bench.meter import load_avg
+from pipelines.bench.meter import load_avg, median, peak_rss_mb
+
+
+def noise_png(rng, px: int) -> bytes:
+    """A px x px RGB PNG of uniform noise (~3 bytes a pixel, what any PNG encoder would make of it)."""
+    import struct
+    import zlib
+
+    import numpy as np
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+    raw = np.zeros((px, 1 + 3 * px), np.uint8)  # each scanline: filter byte 0, then RGB
+    raw[:, 1:] = np.frombuffer(rng.bytes(3 * px * px), np.uint8).reshape(px, 3 * px)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", px, px, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw.tobytes(), 0)) + chunk(b"IEND", b""))
+
+
+def _noise_rows(rng, start: int, count: int, px: int) -> dict:
+    ids = [f"p{start + i:07d}" for i in range(count)]
+    return {"pair_id": ids, "image": [noise_png(rng, px) for _ in range(count)],
+            "question": ["Describe this image."] * count, "chosen": ["a field of coloured noise"] * count,
+            "rejected": ["a red car on a street"] * count}
 
 
 def write_noise_pairs(folder: Path, n: int, px: int, rows_per_file: int = 256, seed: int = 0) -> Path:
-    """`n` trainable pairs whose images are px x px noise PNGs (~3 bytes a pixel: PNG cannot compress noise)."""
-    import io
-
+    """`n` trainable pairs whose images are px x px noise PNGs."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from PIL import Image
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     for start in range(0, n, rows_per_file):
-        count = min(rows_per_file, n - start)
-        images = []
-        for _ in range(count):
-            buf = io.BytesIO()
-            Image.fromarray(rng.integers(0, 256, (px, px, 3), dtype=np.uint8)).save(buf, "PNG")
-            images.append(buf.getvalue())
-        ids = [f"p{start + i:07d}" for i in range(count)]
-        pq.write_table(pa.table({"pair_id": ids, "image": pa.array(images, pa.binary()),
-                                 "question": ["Describe this image."] * count,
-                                 "chosen": ["a field of coloured noise"] * count,
-                                 "rejected": ["a red car on a street"] * count}),
+        rows = _noise_rows(rng, start, min(rows_per_file, n - start), px)
+        pq.write_table(pa.table({**rows, "image": pa.array(rows["image"], pa.binary())}),
                        folder / f"part-{start // rows_per_file:05d}.parquet")
     return folder
+
+
+def write_noise_scored(scored: Path, n: int, px: int, rows_per_shard: int = 64, start: int = 0, seed: int = 0):
+    """`n` rows of a scored/ log (every column the views read), as shards named like the sink's, in write order."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from actors.rewards import RewardScorer
+    scored.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for first in range(start, start + n, rows_per_shard):
+        count = min(rows_per_shard, start + n - first)
+        rows = _noise_rows(rng, first, count, px)
+        terms = {c: [[["car"], []] if c == "hallucinated" else [0.5, -0.5]] * count for c in RewardScorer.ADDS}
+        table = pa.table({**rows, "image": pa.array(rows["image"], pa.binary()), "pair_key": rows["pair_id"],
+                          "prompt_id": rows["pair_id"], "answers": [[rows["chosen"][0], rows["rejected"][0]]] * count,
+                          "answer_models": [["m-a", "m-b"]] * count, **terms,
+                          "chosen_index": pa.array([0] * count, pa.int32()),
+                          "rejected_index": pa.array([1] * count, pa.int32()),
+                          "chosen_reward": [0.5] * count, "rejected_reward": [-0.5] * count, "margin": [1.0] * count,
+                          "drop_reason": pa.nulls(count, pa.string()), "error": pa.nulls(count, pa.string())})
+        pq.write_table(table, scored / f"shard-{time.time_ns():020d}-{first:07d}.parquet")
+
+
+def finalize_child(out: str, rows_per_file: int) -> dict:
+    """One finalize in a process of its own: its wall time, CPU time and the process's peak RSS."""
+    import pyarrow.compute  # noqa: F401  imported before the clock starts: a fold's cost, not an import's
+    import pyarrow.dataset  # noqa: F401
+    import pyarrow.parquet  # noqa: F401
+
+    import pipelines.generate.outputs as outputs
+    t0, c0 = time.time(), time.process_time()
+    counts = outputs.finalize(Path(out), rows_per_file)
+    return {"seconds": round(time.time() - t0, 2), "cpu_seconds": round(time.process_time() - c0, 3),
+            "counts": counts,
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def _mb(folder: Path) -> int:
+    return round(sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20)
 
 
 def train_child(address: str, model: str, data: str, out: str, steps: int) -> dict:
@@ -55,12 +109,15 @@ def train_child(address: str, model: str, data: str, out: str, steps: int) -> di
     summary = run_train(cfg, data, out, resume=False)
     return {"seconds": round(time.time() - t0, 1), "worker_peak_rss_mb": summary["peak_rss_mb_by_rank"],
             "worker_peak_anon_mb": summary["peak_anon_mb_by_rank"],
-            "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "driver_peak_rss_mb": peak_rss_mb(),
             "rows_used": summary["rows_used"], "steps": summary["steps"]}
 
 
-def bench_scale(work: Path, tiny: Path, sizes=(1000, 16000), px: int = 512, steps: int = 4) -> dict:
-    """Training memory at two dataset sizes: how much each peak RSS grows for `sizes[1] / sizes[0]` the pairs."""
+def bench_scale(work: Path, tiny: Path, sizes=(1000, 16000), px: int = 512, steps: int = 4,
+                fold_pairs: int | None = None, rows_per_shard: int = 64, rows_per_file: int = 1000) -> dict:
+    """Per size: a scored/ log, its full fold (finalize) and DPO on the pairs it gives; then the views figures
+    at `fold_pairs` (default: the larger size). Every folder is removed once measured (16K pairs at 512 px
+    are ~13 GB per copy)."""
     import ray
 
     from pipelines.models.tiny import make_tiny
@@ -68,14 +125,54 @@ def bench_scale(work: Path, tiny: Path, sizes=(1000, 16000), px: int = 512, step
     address = ray.get_runtime_context().gcs_address
     runs = []
     for n in sizes:
-        data = write_noise_pairs(work / f"scale-pairs-{n}-{px}", n, px)
-        run = run_child("train-child", {"address": address, "model": str(model), "data": str(data),
-                                        "out": str(work / f"scale-train-{n}"), "steps": steps})
-        runs.append({"pairs": n, "parquet_mb": round(sum(f.stat().st_size for f in data.glob("*.parquet")) / 2**20),
-                     **run})
+        run = work / f"scale-{n}-{px}"
+        shutil.rmtree(run, ignore_errors=True)
+        write_noise_scored(run / "scored", n, px, rows_per_shard)
+        fold = run_child("finalize-child", {"out": str(run), "rows_per_file": rows_per_file})
+        train = run_child("train-child", {"address": address, "model": str(model), "data": str(run / "pairs"),
+                                          "out": str(run / "train"), "steps": steps})
+        runs.append({"pairs": n, "parquet_mb": _mb(run / "pairs"), "scored_mb": _mb(run / "scored"),
+                     "train_folder_mb": _mb(run / "train"), "finalize": fold, **train})
+        shutil.rmtree(run, ignore_errors=True)
+    views = bench_views(work, fold_pairs or sizes[-1], px, rows_per_shard, rows_per_file)
     small, big = runs[0], runs[-1]
-    return {"px": px, "steps": steps, "runs": runs, "pairs_ratio": round(big["pairs"] / small["pairs"], 2),
+    return {"px": px, "steps": steps, "runs": runs, "views": views,
+            "pairs_ratio": round(big["pairs"] / small["pairs"], 2),
             "worker_rss_ratio": round(max(big["worker_peak_rss_mb"]) / max(small["worker_peak_rss_mb"]), 3),
             "worker_anon_ratio": round(max(big["worker_peak_anon_mb"]) / max(small["worker_peak_anon_mb"]), 3),
             "driver_rss_ratio": round(big["driver_peak_rss_mb"] / small["driver_peak_rss_mb"], 3),
-            "load_avg_after": load_avg()}
+            "finalize_pairs_ratio": round(views["pairs"] / small["pairs"], 2),
+            "finalize_rss_ratio": round(views["full"]["peak_rss_mb"] / small["finalize"]["peak_rss_mb"], 3),
+            "resume_ratio": views["resume_ratio"], "load_avg_after": load_avg()}
+
+
+def bench_views(work: Path, n: int, px: int, rows_per_shard: int, rows_per_file: int, repeats: int = 3) -> dict:
+    """Fold `n` pairs from scratch, then `repeats` times one more shard on top (a resume) and that shard alone in
+    a folder of its own: a resume should cost about what its shard costs, not what the folder holds."""
+    run, alone = work / f"views-{n}-{px}", work / f"views-alone-{px}"
+    for d in (run, alone):
+        shutil.rmtree(d, ignore_errors=True)
+    t0 = time.time()
+    write_noise_scored(run / "scored", n, px, rows_per_shard)
+    made = round(time.time() - t0, 1)
+    args = {"out": str(run), "rows_per_file": rows_per_file}
+    full = run_child("finalize-child", args)
+    resumes, alones = [], []
+    for i in range(repeats):
+        before = set((run / "scored").iterdir())
+        write_noise_scored(run / "scored", rows_per_shard, px, rows_per_shard, start=n + i * rows_per_shard, seed=i + 1)
+        (new,) = set((run / "scored").iterdir()) - before
+        resumes.append(run_child("finalize-child", args))
+        shutil.rmtree(alone, ignore_errors=True)
+        (alone / "scored").mkdir(parents=True)
+        shutil.copy(new, alone / "scored" / new.name)
+        alones.append(run_child("finalize-child", {"out": str(alone), "rows_per_file": rows_per_file}))
+    sizes = {"scored_mb": _mb(run / "scored"), "pairs_mb": _mb(run / "pairs"), "candidates_mb": _mb(run / "candidates"),
+             "state_kb": round(sum(f.stat().st_size for f in (run / ".views").iterdir()) / 1024, 1)}
+    for d in (run, alone):
+        shutil.rmtree(d, ignore_errors=True)
+    resume_cpu, alone_cpu = median([r["cpu_seconds"] for r in resumes]), median([r["cpu_seconds"] for r in alones])
+    return {"pairs": n, "shard_rows": rows_per_shard, "write_seconds": made, **sizes, "full": full,
+            "resumes": resumes, "alones": alones, "resume_cpu_s": resume_cpu, "alone_cpu_s": alone_cpu,
+            "resume_wall_s": median([r["seconds"] for r in resumes]), "alone_wall_s": median([r["seconds"] for r in alones]),
+            "resume_ratio": round(resume_cpu / alone_cpu, 2)}

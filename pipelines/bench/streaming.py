@@ -6,13 +6,12 @@ scaling    two sizes (2K-vs-9K proportions), one driver subprocess each: wall-ti
 """
 from __future__ import annotations
 
-import resource
 import shutil
 import time
 from pathlib import Path
 
 from pipelines.bench.child import REPO, run_child
-from pipelines.bench.meter import CpuMeter, load_avg
+from pipelines.bench.meter import CpuMeter, load_avg, peak_rss_mb
 
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"
 
@@ -96,7 +95,7 @@ def scaling_child(address: str, tiny: str, out: str, n_prompts: int) -> dict:
     manifest = run_generate(cfg)
     return {"prompts": n_prompts, "seconds": round(time.time() - t0, 2), "pairs": manifest["counts"]["pairs"],
             "stream_seconds": manifest["timings_s"]["stream"],
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+            "peak_rss_mb": peak_rss_mb()}
 
 
 def bench_scaling(work: Path, tiny: Path, sizes=(500, 2250)) -> dict:

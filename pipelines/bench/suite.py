@@ -55,7 +55,8 @@ def run_bench(out: Path, only=BENCHMARKS, tiny: Path | None = None, prompts: int
 # Each target once: (benchmark, figure) -> (comparison, bound); the markdown table reads them from here.
 TARGETS = {("streaming", "ratio"): (">=", 1.5), ("scale", "worker_anon_ratio"): ("<=", 1.25),
            ("scale", "worker_rss_ratio"): ("<=", 1.25),
-           ("scale", "driver_rss_ratio"): ("<=", 1.25), ("scaling", "wall_ratio"): ("<=", 4.7),
+           ("scale", "driver_rss_ratio"): ("<=", 1.25), ("scale", "finalize_rss_ratio"): ("<=", 1.25),
+           ("scale", "resume_ratio"): ("<=", 2.0), ("scaling", "wall_ratio"): ("<=", 4.7),
            ("scaling", "rss_ratio"): ("<=", 1.1), ("training", "ratio"): ("<=", 1.1),
            ("cluster", "min_busy"): (">=", 0.9)}
 
@@ -96,6 +97,14 @@ def markdown(r: dict) -> str:
             mb = [max(x[key]) if isinstance(x[key], list) else x[key] for x in s["runs"]]
             rows += [("scale", f"{what} peak RSS, {s['pairs_ratio']}× the pairs ({s['px']} px)",
                       f"{s[fig]}× ({mb[0]} → {mb[-1]} MB)", _target("scale", fig), met("scale", fig, s[fig]))]
+        v = s["views"]
+        rows += [("scale", f"finalize peak RSS, full fold, {s['finalize_pairs_ratio']}× the pairs",
+                  f"{s['finalize_rss_ratio']}× ({s['runs'][0]['finalize']['peak_rss_mb']} → "
+                  f"{v['full']['peak_rss_mb']} MB)", _target("scale", "finalize_rss_ratio"),
+                  met("scale", "finalize_rss_ratio", s["finalize_rss_ratio"])),
+                 ("scale", f"finalize of one {v['shard_rows']}-row shard on top of {v['pairs']} pairs / alone "
+                  "(CPU s, median)", f"{v['resume_ratio']}× ({v['resume_cpu_s']} s vs {v['alone_cpu_s']} s)",
+                  _target("scale", "resume_ratio"), met("scale", "resume_ratio", v["resume_ratio"]))]
     for shape, s in r.get("cluster", {}).items():
         if shape == "bench_seconds":
             continue

@@ -32,7 +32,8 @@ def cmd_bench(args) -> int:
     sim = {"prompts": args.sim_prompts, "scale": args.cost_scale, "gpus": args.gpus, "shape": _shape(args.shape)}
     results = run_bench(args.out, only, tiny=args.tiny, prompts=args.prompts, sizes=_ints(args.scaling_sizes),
                         train_steps=args.train_steps, sim=sim,
-                        scale={"sizes": _ints(args.scale_sizes), "px": args.scale_px})
+                        scale={"sizes": _ints(args.scale_sizes), "px": args.scale_px,
+                               "fold_pairs": args.scale_fold_pairs})
     print(json.dumps(results, indent=2))
     print(f"-> {args.out}/results.json, {args.out}/results.md")
     return 0
@@ -52,6 +53,8 @@ def add_bench_command(sub) -> None:
     p.add_argument("--shape", default="images=4,sampling=1,selection=0.5,rewards=0.5",
                    help="cluster: a given shape to simulate as well, GPUs per pool (sampling: each sampler)")
     p.add_argument("--scale-sizes", default="1000,16000", help="scale: pairs per training run (two sizes)")
+    p.add_argument("--scale-fold-pairs", type=int, help="scale: pairs under the resume's one new shard "
+                   "(default: the larger of --scale-sizes)")
     p.add_argument("--scale-px", type=int, default=512, help="scale: image side of the synthetic pairs")
     p.add_argument("--tiny", help="tiny models folder (default OUT/tiny)")
     p.add_argument("--address", help="Ray address to attach to (default: RAY_ADDRESS, else a local Ray)")

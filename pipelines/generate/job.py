@@ -1,8 +1,9 @@
 """`synthalign generate`: prompts -> K images -> best image -> answers -> rewards -> pairs, on Ray Data.
 
 The stream ends in `scored/` (one row per image-question with every candidate and reward term); the
-finished views `pairs/` (kept pairs) and `candidates/` (one row per answer) are derived from it, each
-written to a temporary folder and renamed into place, so a reader never sees half a dataset.
+finished views `pairs/` (kept pairs) and `candidates/` (one row per answer) are derived from it: a run or
+resume folds in only the shards they lack, each new file written under a temporary name and renamed into
+place (views.py), so a reader never sees half a file.
 """
 from __future__ import annotations
 

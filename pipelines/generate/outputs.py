@@ -2,18 +2,19 @@
 
 `scored/` is the stream's durable log: every shard is written under a temporary name and renamed into
 place, so a shard is complete or absent. A rerun skips the prompts whose rows are all there; the views
-`pairs/`, `candidates/` and `errors/` are rebuilt from `scored/`, keeping the first row of each
-`pair_key`, so a prompt redone after a crash is never counted twice.
+`pairs/`, `candidates/` and `errors/` fold in the shards they lack (views.py), keeping the first good row of
+each `pair_key`, so a prompt redone after a crash is never counted twice.
 """
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from pathlib import Path
 
 from ray.data import Datasink
 
-from actors.common.files import atomic_file, replace_dir
+from actors.common.files import atomic_file
 from actors.contract import PAIR_COLUMNS
 from actors.rewards import RewardScorer
 
@@ -40,7 +41,9 @@ class AtomicParquetSink(Datasink):
         if not tables:
             return 0
         table = pa.concat_tables(tables, promote_options="permissive")
-        with atomic_file(os.path.join(self.path, f"shard-{uuid.uuid4().hex}.parquet")) as tmp:
+        # Named by write time, so a resume's shards sort after the ones already folded into the views.
+        name = f"shard-{time.time_ns():020d}-{uuid.uuid4().hex[:12]}.parquet"
+        with atomic_file(os.path.join(self.path, name)) as tmp:
             pq.write_table(table, tmp)
         return table.num_rows
 
@@ -107,82 +110,53 @@ def _schemas():
     s = pa.string()
     # Every term is a float per candidate; `hallucinated` is the list of objects an answer made up.
     terms = [(c, pa.list_(s) if c == "hallucinated" else pa.float64()) for c in CANDIDATE_TERMS]
-    candidates = pa.schema([("pair_key", s), ("prompt_id", s), ("question", s), ("candidate_index", pa.int32()),
-                            ("model", s), ("answer", s), *terms, ("role", s)])
-    errors = pa.schema([("pair_key", s), ("prompt_id", s), ("stage", s), ("reason", s)])
-    return candidates, errors
+    return pa.schema([("pair_key", s), ("prompt_id", s), ("question", s), ("candidate_index", pa.int32()),
+                      ("model", s), ("answer", s), *terms, ("role", s)])
 
 
-class _Writer:
-    """Parquet files of about `rows` rows each, in a temporary folder renamed into place on close."""
-
-    def __init__(self, final: Path, rows: int):
-        self.final, self.rows = final, rows
-        self.tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
-        self.tmp.mkdir(parents=True)
-        self.buffer, self.count, self.files = [], 0, 0
-
-    def add(self, table) -> None:
-        if table.num_rows:
-            self.buffer.append(table)
-            self.count += table.num_rows
-            if sum(t.num_rows for t in self.buffer) >= self.rows:
-                self.flush()
-
-    def flush(self) -> None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-        if self.buffer:
-            pq.write_table(pa.concat_tables(self.buffer, promote_options="permissive"),
-                           self.tmp / f"part-{self.files:05d}.parquet")
-            self.files += 1
-            self.buffer = []
-
-    def close(self) -> int:
-        self.flush()
-        replace_dir(self.tmp, self.final)
-        return self.count
+def _stage(reason: str) -> str:
+    return reason.split(":", 1)[0] if not reason.startswith("sampling:") else ":".join(reason.split(":", 2)[:2])
 
 
-def finalize(out: Path, rows_per_file: int) -> dict:
-    """Rebuild pairs/, candidates/ and errors/ from scored/; returns row counts."""
+def fold_rows(t, good_seen: set, errors: dict) -> dict:
+    """One scored shard against what is folded so far: the first good row of each key is kept (`good_seen`
+    grows; an error row of that key is resolved, i.e. leaves `errors`); a failed row enters `errors` unless
+    its key already has a good row or an earlier failed row. Returns the rows for pairs/ and candidates/."""
     import pyarrow as pa
     import pyarrow.compute as pc
-    cand_schema, err_schema = _schemas()
-    pairs, cands, errs = (_Writer(out / n, rows_per_file) for n in ("pairs", "candidates", "errors"))
-    good_keys = {key for _, key in _good_rows(out / "scored")}
-    seen: set[str] = set()
-    prompts: set[str] = set()
-    n_answers, dropped, duplicates = 0, {}, 0
-    for f in shards(out / "scored"):
-        t = read_shard(f)
-        keys = t.column("pair_key").to_pylist()
-        error = t.column("error").to_pylist() if "error" in t.column_names else [None] * t.num_rows
-        # First good row of each key wins; a failed row only stands where no retry succeeded.
-        keep = [k not in seen and (e is None or k not in good_keys) and not seen.add(k)
-                for k, e in zip(keys, error)]
-        duplicates += sum(1 for e, kp in zip(error, keep) if e is None and not kp)
-        t = t.filter(pa.array(keep, pa.bool_()))
-        prompts.update(t.column("prompt_id").to_pylist())
-        error = t.column("error") if "error" in t.column_names else pa.nulls(t.num_rows, pa.string())
-        bad = t.filter(pc.is_valid(error))
-        if bad.num_rows:
-            reasons = bad.column("error").to_pylist()
-            errs.add(pa.table({"pair_key": bad.column("pair_key"), "prompt_id": bad.column("prompt_id"),
-                               "stage": [r.split(":", 1)[0] if not r.startswith("sampling:") else
-                                         ":".join(r.split(":", 2)[:2]) for r in reasons],
-                               "reason": reasons}, schema=err_schema))
-        good = t.filter(pc.is_null(error))
-        if not good.num_rows:
-            continue
-        n_answers += int(pc.sum(pc.list_value_length(good.column("answers"))).as_py() or 0)
+    keys, pids = t.column("pair_key").to_pylist(), t.column("prompt_id").to_pylist()
+    error = t.column("error").to_pylist() if "error" in t.column_names else [None] * t.num_rows
+    keep, duplicates = [], 0
+    for i, (k, e) in enumerate(zip(keys, error)):
+        if e is not None:
+            if k not in good_seen and k not in errors:
+                errors[k] = {"pair_key": k, "prompt_id": pids[i], "stage": _stage(e), "reason": e}
+            keep.append(False)
+        elif k in good_seen:
+            duplicates += 1
+            keep.append(False)
+        else:
+            good_seen.add(k)
+            errors.pop(k, None)
+            keep.append(True)
+    good = t.filter(pa.array(keep, pa.bool_()))
+    dropped: dict[str, int] = {}
+    if good.num_rows:
         for r in good.column("drop_reason").drop_null().to_pylist():
             dropped[r] = dropped.get(r, 0) + 1
         kept = good.filter(pc.is_null(good.column("drop_reason")))
-        pairs.add(kept.select([c for c in PAIR_COLUMNS + LINEAGE_COLUMNS if c in kept.column_names]))
+        answers = int(pc.sum(pc.list_value_length(good.column("answers"))).as_py() or 0)
         rows = _explode_candidates(good.select(list(CANDIDATE_SOURCE)).to_pylist())
-        cands.add(pa.Table.from_pylist(rows, schema=cand_schema))
-    n_pairs, n_errors = pairs.close(), errs.close()
-    cands.close()
-    return {"prompts": len(prompts), "questions": len(seen), "answers": n_answers, "pairs": n_pairs,
-            "dropped": dict(sorted(dropped.items())), "errors": n_errors, "duplicates_skipped": duplicates}
+    else:
+        kept, answers, rows = good, 0, []
+    return {"keys": good.column("pair_key").to_pylist(), "prompt_ids": good.column("prompt_id").to_pylist(),
+            "pairs": kept.select([c for c in PAIR_COLUMNS + LINEAGE_COLUMNS if c in kept.column_names]),
+            "candidates": pa.Table.from_pylist(rows, schema=_schemas()), "answers": answers,
+            "duplicates": duplicates, "dropped": dropped}
+
+
+def finalize(out: Path, rows_per_file: int) -> dict:
+    """Bring pairs/, candidates/ and errors/ up to date with scored/, folding in only the shards they lack
+    (views.py); returns the row counts of the whole folder."""
+    from pipelines.generate.views import fold
+    return fold(Path(out), rows_per_file, shards(Path(out) / "scored"), fold_rows)

@@ -67,3 +67,19 @@ def test_a_changed_sampler_is_named_by_index(tmp_path):
         RunFolder(cfg(tmp_path, "samplers=[{model: .synthalign/tiny/llava, name: tiny-llava-a, n: 2, "
                                 "temperature: 1.0, max_new_tokens: 16}, {model: .synthalign/tiny/llava-b, "
                                 "name: tiny-llava-b, n: 3, temperature: 1.0, max_new_tokens: 16}]")).prepare()
+
+
+def test_a_folder_from_before_an_option_existed_resumes_while_the_option_is_off(tmp_path):
+    """A manifest written before images.store_size / images.keep_render existed: off (null, false) they change
+    no data, so the folder resumes; set, they are named."""
+    import json
+    run = fake_run(cfg(tmp_path))
+    manifest = json.loads((run / "manifest.json").read_text())
+    for key in ("store_size", "keep_render"):
+        del manifest["data_config"]["images"][key]
+    manifest["data_hash"] = "from-an-older-version"
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    RunFolder(cfg(tmp_path)).prepare()
+    assert (run / "scored" / "x").exists()
+    with pytest.raises(InputError, match=r"changed: images.keep_render, images.store_size\)"):
+        RunFolder(cfg(tmp_path, "images.store_size=32", "images.keep_render=true")).prepare()

@@ -132,3 +132,14 @@ def test_scale_bench_pairs_are_incompressible_at_the_asked_size(tmp_path):
     assert [r["pair_id"] for r in rows] == [f"p{i:07d}" for i in range(5)]
     assert all(Image.open(io.BytesIO(r["image"])).size == (64, 64) for r in rows)
     assert min(len(r["image"]) for r in rows) > 64 * 64 * 3 * 0.95   # noise: PNG cannot shrink it
+
+
+def test_views_bench_folds_a_resume_shard_on_top_and_alone(tmp_path):
+    """The views figures of the scale bench: a full fold of the scored log, a resume's one shard on top of it,
+    and that shard alone, each in a finalize process of its own."""
+    from pipelines.bench.scale import bench_views
+    v = bench_views(tmp_path, n=6, px=16, rows_per_shard=2, rows_per_file=4, repeats=2)
+    assert v["full"]["counts"]["pairs"] == 6 and [r["counts"]["pairs"] for r in v["resumes"]] == [8, 10]
+    assert [r["counts"]["pairs"] for r in v["alones"]] == [2, 2] and v["resumes"][0]["counts"]["answers"] == 16
+    assert v["full"]["peak_rss_mb"] > 0 and v["resume_ratio"] > 0 and v["state_kb"] > 0
+    assert not list(tmp_path.iterdir())  # the bench's folders are removed once measured

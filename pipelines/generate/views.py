@@ -1,0 +1,194 @@
+"""Incremental views: `pairs/`, `candidates/`, `errors/` fold in only the `scored/` shards they lack.
+
+State: `.views/state.json` (written atomically) lists the folded shards, the next part number per view, the
+additive counts and the key index files (`.views/keys-NNNNN.parquet`: pair_key, prompt_id of every good row a
+fold kept). A fold writes its new part files under dot-temporary names, commits the state with the renames
+still to do (`pending`), then renames: a kill before the commit leaves only temporary files (removed next
+time, the shards are folded again); a kill after it is rolled forward by the next finalize. A reader of
+`pairs/` sees whole files only. The errors view is small (four strings per failed row) and is rebuilt
+whole when it changes, since a retry that succeeds in a later shard removes its error row.
+
+The rules are the full rebuild's, in fold order (shard names sort by write time, so a resume's shards come
+after the folded ones): the first good row of a key wins; a failed row stands only while no good row of its
+key is folded, and only the first failed row of a key.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from actors.common.files import atomic_write, replace_dir
+
+VIEWS = ("pairs", "candidates", "errors")
+STATE_DIR = ".views"
+BUFFER_BYTES = 128 << 20  # a view file is flushed at rows_per_file rows or at this many bytes (images are big)
+
+
+class _Parts:
+    """New part files of one view, each about `rows` rows, written as dot-temporary files in `folder`."""
+
+    def __init__(self, folder: Path, rows: int, first: int):
+        self.folder, self.rows, self.next = folder, rows, first
+        self.buffer, self.count, self.written = [], 0, []  # written: (temporary, final) names
+
+    def add(self, table) -> None:
+        if table.num_rows:
+            self.buffer.append(table)
+            self.count += table.num_rows
+            if (sum(t.num_rows for t in self.buffer) >= self.rows
+                    or sum(t.nbytes for t in self.buffer) >= BUFFER_BYTES):
+                self.flush()
+
+    def flush(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        if self.buffer:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            final = self.folder / f"part-{self.next:05d}.parquet"
+            tmp = final.with_name(f".{final.name}.tmp")
+            pq.write_table(pa.concat_tables(self.buffer, promote_options="permissive"), tmp)
+            self.written.append((tmp, final))
+            self.next, self.buffer = self.next + 1, []
+
+
+def _error_schema():
+    import pyarrow as pa
+    return pa.schema([(c, pa.string()) for c in ("pair_key", "prompt_id", "stage", "reason")])
+
+
+def _load_state(out: Path) -> dict | None:
+    path = out / STATE_DIR / "state.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _commit(out: Path, state: dict) -> None:
+    (out / STATE_DIR).mkdir(exist_ok=True)
+    atomic_write(out / STATE_DIR / "state.json", json.dumps(state, indent=1))
+
+
+def _roll_forward(out: Path, state: dict) -> None:
+    """Do the committed renames (idempotent), then drop what no committed state refers to."""
+    for src, dst in state.get("pending", []):
+        src, dst = out / src, out / dst
+        if src.exists():
+            replace_dir(src, dst) if src.is_dir() else os.replace(src, dst)
+    if state.get("pending"):
+        state["pending"] = []
+        _commit(out, state)
+    _clean_temporaries(out)
+
+
+def _clean_temporaries(out: Path) -> None:
+    for view in VIEWS:
+        for d in [*out.glob(f".{view}.tmp-*"), *out.glob(f".{view}.old-*")]:
+            shutil.rmtree(d, ignore_errors=True)
+        for f in (out / view).glob(".*.tmp") if (out / view).is_dir() else []:
+            f.unlink(missing_ok=True)
+
+
+def _usable(out: Path, state: dict | None, shard_names: set[str]) -> bool:
+    """A state whose views or folded shards went missing (deleted by hand) is dropped: rebuild from scratch."""
+    if state is None or state.get("version") != 1:
+        return False
+    return (set(state["folded"]) <= shard_names and all((out / v).is_dir() for v in VIEWS)
+            and all((out / STATE_DIR / k).exists() for k in state["key_files"]))
+
+
+def _read_keys(out: Path, state: dict):
+    """The folded good keys (a set) and their prompt ids (a set), from the key index files."""
+    import pyarrow.parquet as pq
+    keys, prompts = set(), set()
+    for name in state["key_files"]:
+        t = pq.read_table(out / STATE_DIR / name)
+        keys.update(t.column("pair_key").to_pylist())
+        prompts.update(t.column("prompt_id").to_pylist())
+    return keys, prompts
+
+
+def _read_errors(out: Path) -> dict:
+    """pair_key -> error row, in view order (the first failed row of each unresolved key)."""
+    import pyarrow.parquet as pq
+    files = sorted((out / "errors").glob("*.parquet")) if (out / "errors").is_dir() else []
+    return {r["pair_key"]: r for f in files for r in pq.read_table(f).to_pylist()}
+
+
+def fold(out: Path, rows_per_file: int, shards: list[Path], fold_rows) -> dict:
+    """Fold the shards not yet in the views; `fold_rows(table, good_seen, errors)` splits one shard (see
+    outputs.py). Returns the manifest counts of the whole folder."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    out = Path(out)
+    state = _load_state(out)
+    if state is not None:
+        _roll_forward(out, state)
+    else:
+        _clean_temporaries(out)
+    by_name = {f.name: f for f in shards}
+    fresh = not _usable(out, state, set(by_name))
+    if fresh:
+        state = {"version": 1, "folded": [], "next_part": {"pairs": 0, "candidates": 0}, "key_files": [],
+                 "counts": {"answers": 0, "pairs": 0, "dropped": {}, "duplicates_skipped": 0}, "pending": []}
+        good_seen, prompts, errors = set(), set(), {}
+    else:
+        good_seen, prompts = _read_keys(out, state)
+        errors = _read_errors(out)
+    folded = set(state["folded"])
+    new = [f for f in shards if f.name not in folded]
+    if not new and not fresh:
+        return _counts(state, good_seen, prompts, errors)
+
+    # A fresh build writes whole folders swapped in at the end (an older layout's views are replaced in one go).
+    tag = uuid.uuid4().hex[:8]
+    target = {v: (out / f".{v}.tmp-{tag}" if fresh else out / v) for v in ("pairs", "candidates")}
+    parts = {v: _Parts(target[v], rows_per_file, state["next_part"][v]) for v in target}
+    errors_before = list(errors)
+    new_keys, new_pids, counts = [], [], state["counts"]
+    for f in new:
+        split = fold_rows(pq.read_table(f), good_seen, errors)
+        new_keys += split["keys"]
+        new_pids += split["prompt_ids"]
+        parts["pairs"].add(split["pairs"])
+        parts["candidates"].add(split["candidates"])
+        counts["answers"] += split["answers"]
+        counts["duplicates_skipped"] += split["duplicates"]
+        for r, n in split["dropped"].items():
+            counts["dropped"][r] = counts["dropped"].get(r, 0) + n
+    pending = []
+    for v, p in parts.items():
+        p.flush()
+        counts["pairs"] += p.count if v == "pairs" else 0
+        state["next_part"][v] = p.next
+        pending += p.written
+        if fresh:  # its files renamed inside the new folder first, then the folder swapped in
+            target[v].mkdir(parents=True, exist_ok=True)
+            pending.append((target[v], out / v))
+    if fresh or list(errors) != errors_before:
+        tmp = out / f".errors.tmp-{tag}"
+        tmp.mkdir()
+        if errors:
+            pq.write_table(pa.Table.from_pylist(list(errors.values()), schema=_error_schema()),
+                           tmp / "part-00000.parquet")
+        pending.append((tmp, out / "errors"))
+    if new_keys:
+        name = f"keys-{len(state['key_files']):05d}.parquet"
+        (out / STATE_DIR).mkdir(exist_ok=True)
+        pq.write_table(pa.table({"pair_key": pa.array(new_keys, pa.string()),
+                                 "prompt_id": pa.array(new_pids, pa.string())}), out / STATE_DIR / name)
+        state["key_files"].append(name)
+        prompts.update(new_pids)
+    state["folded"] += [f.name for f in new]
+    state["pending"] = [[str(a.relative_to(out)), str(b.relative_to(out))] for a, b in pending]
+    _commit(out, state)  # the commit point: before it the old views stand, after it the new ones
+    _roll_forward(out, state)
+    return _counts(state, good_seen, prompts, errors)
+
+
+def _counts(state: dict, good_seen: set, prompts: set, errors: dict) -> dict:
+    c = state["counts"]
+    return {"prompts": len(prompts | {e["prompt_id"] for e in errors.values()}),
+            "questions": len(good_seen) + len(errors), "answers": c["answers"], "pairs": c["pairs"],
+            "dropped": dict(sorted(c["dropped"].items())), "errors": len(errors),
+            "duplicates_skipped": c["duplicates_skipped"]}
