@@ -10,6 +10,7 @@ from actors.contract import ContractError
 from pipelines.cli.bench import add_bench_command
 from pipelines.cli.cluster import add_cluster_commands
 from pipelines.cli.eval import add_eval_commands
+from pipelines.cli.plan import add_plan_command
 from pipelines.typed import ConfigTypeError
 
 USER_ERRORS = (InputError, ConfigTypeError, ContractError)
@@ -128,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_commands(sub)
     add_cluster_commands(sub)
     add_bench_command(sub)
+    add_plan_command(sub)
     return parser
 
 
