@@ -134,7 +134,8 @@ class Plan:
 
     @property
     def lead(self) -> str:
-        return max(self.rows, key=self.work)
+        """The bottleneck: the pool with the fewest prompts per second."""
+        return min(self.rows, key=lambda k: self.gpus[k] / self.work(k))
 
     @property
     def prompts_per_s(self) -> float:
