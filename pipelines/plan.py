@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from actors.common.errors import InputError
-from cluster.resources import ClusterShape, PoolConfig
+from cluster.resources import PoolConfig
 
 # Public A100-80GB figures the defaults derive from (all dense bf16/fp16):
 # SD3-Medium at 1024x1024, 50 steps: MMDiT 5,468 ms, text encoders + VAE decode 110 ms (Stability AI's

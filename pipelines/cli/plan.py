@@ -6,7 +6,14 @@ from pathlib import Path
 
 def cmd_plan(args) -> int:
     from pipelines.config import load_config
-    from pipelines.plan import items_per_prompt, make_plan, plan_json, read_costs, table, write_plan
+    from pipelines.plan import (
+        items_per_prompt,
+        make_plan,
+        plan_json,
+        read_costs,
+        table,
+        write_plan,
+    )
     cfg = load_config(args.config, args.overrides)
     costs = read_costs(args.costs, items_per_prompt(cfg)) if args.costs else None
     plan = make_plan(cfg, args.gpus, args.nodes, costs, config=str(args.config))
