@@ -35,7 +35,7 @@ SCORER_PARAMS_B = {"imagereward": 0.47, "clip": 0.43, "none": 0.0}
 SCORER_TOKENS = 600
 MIN_COST_S = 1e-3      # a CPU-side stage (shapes images, no scorer) still takes its turn
 HEADROOM = 1.05
-SHARE_STEP = 0.01      # GPU fractions are written in hundredths
+SHARE_STEP = 0.001     # GPU fractions in thousandths (Ray resolves 1e-4): a coarser step idles the small pools
 
 
 def params_b(model: str, default: float = 7.0) -> float:
@@ -155,7 +155,7 @@ class Plan:
 
     def summary(self) -> dict:
         return {"config": self.config, "nodes": self.nodes, "gpus_per_node": self.gpus_per_node,
-                "gpus_used": round(sum(self.gpus.values()), 2), "prompts": self.prompts,
+                "gpus_used": round(sum(self.gpus.values()), 3), "prompts": self.prompts,
                 "prompts_per_hour": round(self.prompts_per_s * 3600, 1), "lead": self.lead,
                 "predicted_hours": round(self.predict_s() / 3600, 3),
                 "pools": {k: {"size": p.size, "num_gpus": p.num_gpus, "gpus": self.gpus[k],
@@ -186,10 +186,10 @@ def make_plan(cfg, gpus_per_node: int, nodes: int = 1, costs: dict[str, float] |
                          field="--gpus")
     samplers = {f"sampling:{s.label}": s for s in cfg.samplers}
     pools = {k: dataclasses.replace(cfg.pool(k.split(":")[0], samplers.get(k)), size=size, max_size=None,
-                                    num_gpus=round(a, 2), resources={})
+                                    num_gpus=round(a, 3), resources={})
              for k, (size, a) in actors.items()}
     return Plan(config, nodes, gpus_per_node, cfg.prompts.num_prompts, cost, sorted(costs or {}), rows,
-                {k: round(p.size * p.num_gpus, 2) for k, p in pools.items()}, pools)
+                {k: round(p.size * p.num_gpus, 3) for k, p in pools.items()}, pools)
 
 
 def plan_config(plan: Plan, cfg, source: Path, out: Path) -> dict:
@@ -203,7 +203,7 @@ def plan_config(plan: Plan, cfg, source: Path, out: Path) -> dict:
     for s in cfg.samplers:
         share = plan.pools[f"sampling:{s.label}"].num_gpus
         if s.backend == "vllm" and share < 1 and s.gpu_memory_utilization > share:
-            s, changed = dataclasses.replace(s, gpu_memory_utilization=round(share - 0.02, 2)), True
+            s, changed = dataclasses.replace(s, gpu_memory_utilization=round(share - 0.02, 3)), True
         default = type(s)()   # a list replaces the parent's whole list: write each sampler, its own keys only
         samplers.append({k: v for k, v in dataclasses.asdict(s).items() if v != getattr(default, k)})
     if changed:

@@ -114,7 +114,7 @@ def sim_plan(cfg, gpus: int = 8, nodes: int = 1, shape: dict | None = None):
         pools[k] = dataclasses.replace(cfg.pool(k.split(":")[0], samplers.get(k)), size=size, num_gpus=share,
                                        max_size=None, resources={})
     return Plan("", 1, math.ceil(sum(want.values())), cfg.prompts.num_prompts, default_costs(cfg), [], rows,
-                {k: round(p.size * p.num_gpus, 2) for k, p in pools.items()}, pools)
+                {k: round(p.size * p.num_gpus, 3) for k, p in pools.items()}, pools)
 
 
 def _gaps(spans: list[dict]) -> list[float]:
@@ -196,6 +196,13 @@ def cluster_child(a: dict) -> dict:
                        "batch_s": round(busy / len(s), 3), "overhead_s": round(overhead, 3),
                        "window_s": round(last - first, 2), "first": first, "last": last}
     start, end = min(r["first"] for r in report.values()), max(r["last"] for r in report.values())
+    # Steady state: every pool has started (the chain is full) until the lead pool's last item (then the others
+    # drain). Balance shows here; the first->last figure adds the fill and drain of a short run.
+    full, lead_end = max(r["first"] for r in report.values()), report[plan.lead]["last"]
+    for key, p in pools.items():
+        inside = sum(max(0.0, min(x["t1"], lead_end) - max(x["t0"], full))
+                     for actor in spans.get(key.replace(":", "_"), []) for x in actor)
+        report[key]["busy_steady"] = round(inside / (p.size * (lead_end - full)), 3) if lead_end > full else None
     img = report[plan.lead] if plan.lead in report else report["images"]
     per_prompt_s = img["window_s"] / a["prompts"] / scale          # real seconds per prompt at steady state
     target = a["target_prompts"]
@@ -205,6 +212,8 @@ def cluster_child(a: dict) -> dict:
             "pools": {k: {x: v for x, v in r.items() if x not in ("first", "last")} for k, r in report.items()},
             "min_busy": min(r["busy"] for r in report.values()),
             "min_busy_net": min(r["busy_net"] for r in report.values()),
+            "min_busy_steady": min((r["busy_steady"] or 0.0) for r in report.values()),
+            "steady_s": round(max(0.0, report[plan.lead]["last"] - max(r["first"] for r in report.values())), 2),
             # the plan's model against the stream as simulated (first batch started -> last batch done)
             "predicted_stream_s": round(predicted, 2), "simulated_stream_s": round(end - start, 2),
             "stream_ratio": round((end - start) / predicted, 3),

@@ -23,9 +23,16 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="Ray address to attach to (default: RAY_ADDRESS, else a local Ray)")
 
 
-def _ray(args) -> None:
+def _ray(args) -> dict:
+    """Connect; returns the clock `run_generate` reports startup against (the command's process start)."""
+    import time
+
+    import psutil
+
     from cluster.connect import connect
+    t = time.time()
     connect(args.address)
+    return {"command_start": psutil.Process().create_time(), "ray_start": round(time.time() - t, 2)}
 
 
 def cmd_make_tiny(args) -> int:
@@ -40,11 +47,14 @@ def cmd_generate(args) -> int:
     from pipelines.generate.job import prepare, run_generate
     cfg = load_config(args.config, args.overrides)
     prepared = prepare(cfg, overwrite=args.overwrite)  # bad input fails here, before Ray starts
-    _ray(args)
-    manifest = run_generate(cfg, prepared=prepared)
+    clock = _ray(args)
+    manifest = run_generate(cfg, prepared=prepared, clock=clock)
     c = manifest["counts"]
     print(f"pairs: {c['pairs']} of {c['questions']} image-questions ({c['prompts']} prompts, {c['errors']} failed rows, "
           f"{c['answers']} answers, dropped {c['dropped'] or 'none'}) -> {cfg.output_dir}/pairs")
+    t = manifest["timings_s"]
+    print("seconds: " + ", ".join(f"{k} {t[k]:g}" for k in ("ray_start", "actor_start", "model_load", "actors_ready",
+                                                             "first_pair", "stream", "command") if k in t))
     return 0
 
 
@@ -68,8 +78,7 @@ def cmd_run(args) -> int:
     from pipelines.run.job import run_all
     cfg = load_config(args.config, args.overrides)
     prepared = prepare(cfg, overwrite=args.overwrite, train=True)  # bad input fails here, before Ray starts
-    _ray(args)
-    run_all(cfg, prepared)
+    run_all(cfg, prepared, clock=_ray(args))
     return 0
 
 
