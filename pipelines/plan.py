@@ -141,17 +141,28 @@ class Plan:
     def prompts_per_s(self) -> float:
         return min(self.gpus[k] / self.work(k) for k in self.rows)
 
-    def predict_s(self, prompts: int | None = None, scale: float = 1.0) -> float:
-        """Wall time of the stream: the lead pool's rounds of batches, then its last round's rows through each
-        later pool in turn (one batch each, on one actor's share). `scale` multiplies every cost."""
-        n = prompts or self.prompts
-        keys = list(self.rows)
-        lead = keys.index(self.lead)
-        batch_time = {k: min(self.pools[k].batch_size, n * self.rows[k][0]) * self.rows[k][1] * self.costs[k] * scale
-                      / self.pools[k].num_gpus for k in keys}
-        p = self.pools[self.lead]
-        rounds = math.ceil(math.ceil(n * self.rows[self.lead][0] / p.batch_size) / p.size)
-        return rounds * batch_time[self.lead] + sum(batch_time[k] for k in keys if keys.index(k) != lead)
+    def predict_s(self, prompts: int | None = None, scale: float = 1.0, overhead_s: float | dict = 0.0) -> float:
+        """Wall time of the stream, batch by batch: each pool takes rows in arrival order, `batch_size` at a
+        time (the rest when the stream ends), on whichever of its actors frees first; a batch takes its items'
+        GPU-seconds over the actor's share (x `scale`, + `overhead_s`, or its pool's entry). A model of the chain's timing, not a
+        scheduler: Ray Data runs the real one."""
+        import heapq
+        ready = [0.0] * (prompts or self.prompts)          # when each prompt's rows reach the next pool
+        for key, (rows_pp, items) in self.rows.items():
+            p = self.pools[key]
+            rows = sorted((t, i) for i, t in enumerate(ready) for _ in range(rows_pp))
+            free, done = [0.0] * p.size, [0.0] * len(ready)
+            per_row = items * self.costs[key] * scale / p.num_gpus
+            extra = overhead_s.get(key, 0.0) if isinstance(overhead_s, dict) else overhead_s
+            for b in range(0, len(rows), p.batch_size):
+                batch = rows[b:b + p.batch_size]
+                start = max(batch[-1][0], heapq.heappop(free))
+                end = start + len(batch) * per_row + extra
+                heapq.heappush(free, end)
+                for _, i in batch:
+                    done[i] = max(done[i], end)
+            ready = done
+        return max(ready)
 
     def summary(self) -> dict:
         return {"config": self.config, "nodes": self.nodes, "gpus_per_node": self.gpus_per_node,

@@ -113,7 +113,8 @@ def sim_plan(cfg, gpus: int = 8, nodes: int = 1, shape: dict | None = None):
         size, share = split(g)
         pools[k] = dataclasses.replace(cfg.pool(k.split(":")[0], samplers.get(k)), size=size, num_gpus=share,
                                        max_size=None, resources={})
-    return Plan("", 1, math.ceil(sum(want.values())), cfg.prompts.num_prompts, default_costs(cfg), [], rows,
+    gpus = math.ceil(sum(want.values())) + 1        # +1: room to pack the fractions
+    return Plan("", 1, gpus, cfg.prompts.num_prompts, default_costs(cfg), [], rows,
                 {k: round(p.size * p.num_gpus, 3) for k, p in pools.items()}, pools)
 
 
@@ -207,6 +208,7 @@ def cluster_child(a: dict) -> dict:
     per_prompt_s = img["window_s"] / a["prompts"] / scale          # real seconds per prompt at steady state
     target = a["target_prompts"]
     predicted = plan.predict_s(a["prompts"], scale)
+    with_overhead = plan.predict_s(a["prompts"], scale, {k: r["overhead_s"] for k, r in report.items()})
     return {"config": a["config"], "cost_scale": scale, "prompts": a["prompts"], "wall_s": round(wall, 1),
             "gpus_total": round(sum(plan.gpus.values()), 3), "nodes": plan.nodes, "gpus_per_node": plan.gpus_per_node,
             "pools": {k: {x: v for x, v in r.items() if x not in ("first", "last")} for k, r in report.items()},
@@ -214,15 +216,16 @@ def cluster_child(a: dict) -> dict:
             "min_busy_net": min(r["busy_net"] for r in report.values()),
             "min_busy_steady": min((r["busy_steady"] or 0.0) for r in report.values()),
             "steady_s": round(max(0.0, report[plan.lead]["last"] - max(r["first"] for r in report.values())), 2),
-            # the plan's model against the stream as simulated (first batch started -> last batch done)
-            "predicted_stream_s": round(predicted, 2), "simulated_stream_s": round(end - start, 2),
-            "stream_ratio": round((end - start) / predicted, 3),
+            # the plan's model against the stream as simulated (first batch started -> last batch done), without
+            # and with this host's per-batch overhead
+            "predicted_stream_s": round(predicted, 2), "predicted_with_overhead_s": round(with_overhead, 2),
+            "simulated_stream_s": round(end - start, 2), "stream_ratio": round((end - start) / predicted, 3),
             "predict_prompts": target, "predicted_hours": round(plan.predict_s(target) / 3600, 2),
             "extrapolated_hours": round((target * per_prompt_s + (end - img["last"]) / scale) / 3600, 2),
             "ideal_hours": round(target * plan.work(plan.lead) / plan.gpus[plan.lead] / 3600, 2)}
 
 
-def bench_cluster(work: Path, prompts: int = 600, scale: float = 0.02, gpus: int = 8, shape: dict | None = None,
+def bench_cluster(work: Path, prompts: int = 600, scale: float = 0.05, gpus: int = 8, shape: dict | None = None,
                   config: str = "pairs-9k.yaml", image_bytes: int = 16384, nodes: int = 1) -> dict:
     """Runs in a subprocess: it needs its own Ray, and the caller's connection stays as it is."""
     from pipelines.config import load_config

@@ -132,3 +132,14 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv):
     err = capsys.readouterr().err.strip()
     assert err.startswith("synthalign: error:") and "\n" not in err and "Traceback" not in err
     assert not (tmp_path / "p.yaml").exists()
+
+
+@pytest.mark.slow
+def test_cluster_simulation_agrees_with_the_plan(tmp_path):
+    """The plan's predicted stream time against the cluster simulation's (the real Ray Data chain, sleep
+    stand-ins costed as the plan costs them, on a private Ray cluster declaring 8 GPUs) at a cost scale where
+    Ray's per-batch overhead on this host is a few percent of a batch."""
+    from pipelines.bench.sim import bench_cluster
+    sim = bench_cluster(tmp_path, prompts=600, scale=0.05, gpus=8, config="paper.yaml")
+    assert sim["pools"]["images"]["actors"] == 6 and sim["gpus_total"] <= 8
+    assert sim["simulated_stream_s"] == pytest.approx(sim["predicted_stream_s"], rel=0.10)
