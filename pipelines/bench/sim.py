@@ -230,6 +230,12 @@ def bench_cluster(work: Path, prompts: int = 600, scale: float = 0.05, gpus: int
     """Runs in a subprocess: it needs its own Ray, and the caller's connection stays as it is."""
     from pipelines.config import load_config
     target = load_config(REPO / "configs" / config, ["output_dir=x"]).prompts.num_prompts
-    return run_child("cluster-child", {"out": str(work / "cluster"), "prompts": prompts, "scale": scale, "gpus": gpus,
-                                    "nodes": nodes, "shape": shape, "config": config, "image_bytes": image_bytes,
-                                    "target_prompts": target}, env={"RAY_ADDRESS": ""})
+    arg = {"out": str(work / "cluster"), "prompts": prompts, "scale": scale, "gpus": gpus, "nodes": nodes,
+           "shape": shape, "config": config, "image_bytes": image_bytes, "target_prompts": target}
+    for attempt in range(3):
+        try:
+            return run_child("cluster-child", arg, env={"RAY_ADDRESS": ""})
+        except RuntimeError as e:
+            # Ray gives a node 30 s to register (fixed in ray/_private/node.py): a busy shared host misses it
+            if "timed out during startup" not in str(e) or attempt == 2:
+                raise
