@@ -104,8 +104,8 @@ def startup_timings(folder: Path, stream_start: float, scored: Path, since: floa
 
 def run_generate(cfg: RunConfig, overwrite: bool = False, prepared=None, clock: dict | None = None) -> dict:
     """Run (or resume) the generation job on the connected Ray cluster; returns the manifest. `clock`, from the
-    CLI: {"command_start": epoch seconds, "ray_start": seconds connecting Ray}; figures count from the command's
-    start when given."""
+    CLI: {"command_start": epoch seconds, "launch": seconds before connecting Ray, "ray_start": seconds connecting};
+    figures count from the command's start when given."""
     t0 = time.time()
     since = (clock or {}).get("command_start", t0)
     rows, vocab, out = prepared or prepare(cfg, overwrite)
@@ -128,8 +128,8 @@ def run_generate(cfg: RunConfig, overwrite: bool = False, prepared=None, clock: 
     counts["prompts_resumed"] = len(done)
     error_fraction = counts["errors"] / max(1, counts["questions"])
     status = "failed" if error_fraction > cfg.max_error_fraction else "complete"
-    timings = {"prepare": round(t_prep - t0, 2), **{k: v for k, v in (clock or {}).items() if k == "ray_start"},
-               **startup_timings(startup, t_prep, scored, since), "stream": round(t_stream - t_prep, 2),
+    before = {k: v for k, v in (clock or {}).items() if k in ("launch", "ray_start")}
+    timings = {"prepare": round(t_prep - t0, 2), **before, **startup_timings(startup, t_prep, scored, since), "stream": round(t_stream - t_prep, 2),
                "finalize": round(time.time() - t_stream, 2), "total": round(time.time() - t0, 2)}
     if clock:
         timings["command"] = round(time.time() - since, 2)

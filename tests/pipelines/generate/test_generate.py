@@ -24,12 +24,14 @@ def read(path, columns=None):
 def run(tiny_models, ray_local, tmp_path_factory):
     from cluster.connect import connect
     from pipelines.generate.job import run_generate
+    t0 = time.time()
     out = tmp_path_factory.mktemp("gen") / "run"
     cfg = tiny_config(tiny_models, out, **{"prompts.num_prompts": N_PROMPTS,
                                             "prompts.instructions_per_prompt": N_INSTR})
     t = time.time()
     connect()   # as the CLI does (the session's Ray is up already)
-    return cfg, run_generate(cfg, clock={"command_start": t, "ray_start": round(time.time() - t, 2)})
+    clock = {"command_start": t0, "launch": round(t - t0, 2), "ray_start": round(time.time() - t, 2)}
+    return cfg, run_generate(cfg, clock=clock)
 
 
 def test_row_counts_and_manifest(run):
@@ -59,9 +61,9 @@ def test_manifest_times_startup_and_the_first_pair(run):
     t = manifest["timings_s"]
     for key in ("actor_start", "model_load", "actors_ready", "first_pair", "stream", "total", "command"):
         assert t[key] > 0, key
-    assert t["ray_start"] >= 0
+    assert t["ray_start"] >= 0 and t["launch"] >= 0
     assert t["actor_start"] < t["actors_ready"] < t["stream"] and t["model_load"] < t["actors_ready"]
-    assert t["prepare"] + t["ray_start"] < t["first_pair"] < t["command"]   # from the command's start
+    assert t["launch"] + t["ray_start"] + t["prepare"] < t["first_pair"] < t["command"]   # from the command's start
     assert t["stream"] < t["total"] <= t["command"]
     loads = t["model_load_by_stage"]
     assert set(loads) == {"ImageSynthesis", "ImageSelection", "QuestionExpander", "AnswerSampler:tiny-llava-a",
