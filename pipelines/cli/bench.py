@@ -47,7 +47,7 @@ def add_bench_command(sub) -> None:
     p.add_argument("--prompts", type=int, default=2048, help="streaming: prompts (pipeline vs loop)")
     p.add_argument("--scaling-sizes", default="500,2250", help="scaling: prompts per run (2K-vs-9K proportions)")
     p.add_argument("--train-steps", type=int, default=30, help="training: DPO steps per run")
-    p.add_argument("--sim-prompts", type=int, default=600, help="cluster: prompts through the simulated cluster")
+    p.add_argument("--sim-prompts", type=int, default=1200, help="cluster: prompts through the simulated cluster")
     p.add_argument("--cost-scale", type=float, default=0.05,
                    help="cluster: factor on the A100 per-item seconds (at 0.05 Ray's per-batch overhead here is "
                         "1-6%% of a batch)")

@@ -138,8 +138,11 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv):
 def test_cluster_simulation_agrees_with_the_plan(tmp_path):
     """The plan's predicted stream time against the cluster simulation's (the real Ray Data chain, sleep
     stand-ins costed as the plan costs them, on a private Ray cluster declaring 8 GPUs) at a cost scale where
-    Ray's per-batch overhead on this host is a few percent of a batch."""
+    Ray's per-batch overhead on this host is a few percent of a batch. A ratio of two durations of one run, not
+    a speed: the stand-ins sleep what the plan says; it checks the model of the chain (batching, fill, drain)."""
     from pipelines.bench.sim import bench_cluster
     sim = bench_cluster(tmp_path, prompts=600, scale=0.05, gpus=8, config="paper.yaml")
     assert sim["pools"]["images"]["actors"] == 6 and sim["gpus_total"] <= 8
-    assert sim["simulated_stream_s"] == pytest.approx(sim["predicted_stream_s"], rel=0.10)
+    # Ray's per-batch overhead on this host (measured in the run) added to each batch of the plan's model
+    assert sim["simulated_stream_s"] == pytest.approx(sim["predicted_with_overhead_s"], rel=0.10)
+    assert sim["predicted_stream_s"] <= sim["predicted_with_overhead_s"] < 1.1 * sim["predicted_stream_s"]

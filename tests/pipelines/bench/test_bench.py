@@ -89,11 +89,12 @@ def test_cluster_simulation_busy_fractions(results):
         assert 0.0 <= pool["busy"] <= pool["busy_net"] <= 1.0, name
         assert pool["busy_steady"] is None or 0.0 <= pool["busy_steady"] <= 1.0
         assert pool["gpus"] == plan.gpus[name] and pool["actors"] == plan.pools[name].size and pool["window_s"] > 0
-        assert pool["overhead_s"] >= 0 and pool["batches"] >= 1
+        assert pool["batches"] >= 1
     assert sim["gpus_total"] <= 8 and sim["min_busy"] == min(p["busy"] for p in sim["pools"].values())
     assert sim["predicted_hours"] >= sim["ideal_hours"] > 0 and sim["extrapolated_hours"] > 0
     assert sim["predict_prompts"] == cfg.prompts.num_prompts
     assert 0 < sim["predicted_stream_s"] <= sim["predicted_with_overhead_s"] and sim["simulated_stream_s"] > 0
+    assert sim["overhead_s"] >= 0
 
 
 def test_writes_json_and_markdown(results):
