@@ -144,8 +144,8 @@ class Plan:
     def predict_s(self, prompts: int | None = None, scale: float = 1.0, overhead_s: float | dict = 0.0) -> float:
         """Wall time of the stream, batch by batch: each pool takes rows in arrival order, `batch_size` at a
         time (the rest when the stream ends), on whichever of its actors frees first; a batch takes its items'
-        GPU-seconds over the actor's share (x `scale`, + `overhead_s`, or its pool's entry). A model of the chain's timing, not a
-        scheduler: Ray Data runs the real one."""
+        GPU-seconds over the actor's share (x `scale`, + `overhead_s`, or its pool's entry). A model of the
+        chain's timing, not a scheduler: Ray Data runs the real one."""
         import heapq
         ready = [0.0] * (prompts or self.prompts)          # when each prompt's rows reach the next pool
         for key, (rows_pp, items) in self.rows.items():
