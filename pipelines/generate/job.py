@@ -130,7 +130,8 @@ def run_generate(cfg: RunConfig, overwrite: bool = False, prepared=None, clock: 
     status = "failed" if error_fraction > cfg.max_error_fraction else "complete"
     before = {k: v for k, v in (clock or {}).items() if k in ("launch", "ray_start")}
     timings = {"prepare": round(t_prep - t0, 2), **before, **startup_timings(startup, t_prep, scored, since),
-               "stream": round(t_stream - t_prep, 2), "finalize": round(time.time() - t_stream, 2), "total": round(time.time() - t0, 2)}
+               "stream": round(t_stream - t_prep, 2), "finalize": round(time.time() - t_stream, 2),
+               "total": round(time.time() - t0, 2)}
     if clock:
         timings["command"] = round(time.time() - since, 2)
     manifest = {**base, "status": status, "counts": counts, "timings_s": timings}
