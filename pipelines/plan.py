@@ -232,9 +232,14 @@ def write_plan(plan: Plan, cfg, source: str | Path, out: str | Path) -> Path:
             f"{s['gpus_used']:g} of {plan.nodes * plan.gpus_per_node} GPUs,\n# {s['prompts_per_hour']:g} prompts "
             f"an hour, {s['predicted_hours']:g} h predicted for {plan.prompts} prompts (costs: "
             f"{', '.join(f'{k} {v:.3g} s' for k, v in plan.costs.items())}).\n")
-    out.write_text(head + yaml.safe_dump(plan_config(plan, cfg, Path(source), out), sort_keys=False,
-                                         default_flow_style=None, width=120))
-    load_config(out)
+    tmp = out.with_name(f".{out.name}.tmp")   # checked before it takes the name: a bad plan leaves nothing
+    try:
+        tmp.write_text(head + yaml.safe_dump(plan_config(plan, cfg, Path(source), out), sort_keys=False,
+                                             default_flow_style=None, width=120))
+        load_config(tmp)
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
 
 

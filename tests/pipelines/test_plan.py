@@ -62,7 +62,7 @@ def test_default_costs_follow_the_config(paper):
 def test_written_config_extends_the_input_and_passes_placement(paper, tmp_path, gpus, nodes):
     plan = make_plan(paper, gpus, nodes)
     out = write_plan(plan, paper, PAPER, tmp_path / "sub" / "planned.yaml")
-    assert "extends:" in out.read_text()
+    assert "extends:" in out.read_text() and [p.name for p in out.parent.iterdir()] == ["planned.yaml"]
     cfg = load_config(out)                                # placement checked on load (cluster: is set)
     assert (cfg.cluster.nodes, cfg.cluster.gpus_per_node) == (nodes, gpus)
     assert {k: (p.size, p.num_gpus) for k, p in cfg.running_pools().items()} == \
