@@ -19,7 +19,7 @@ from actors.common.errors import InputError
 from actors.common.files import atomic_write
 from pipelines.config import RunConfig
 
-DATA_PARTS = ("scored", "pairs", "candidates", "errors", ".views", ".faults", "manifest.json")
+DATA_PARTS = ("scored", "pairs", "candidates", "errors", ".views", ".faults", ".startup", "manifest.json")
 TRAIN_PARTS = ("train",)
 EVAL_PARTS = ("eval", "report", "report.md", "report.html")
 

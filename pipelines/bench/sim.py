@@ -1,11 +1,14 @@
 """The cluster simulation of `synthalign bench` (issue 7): a multi-node cluster with declared GPUs
 (`ray.cluster_utils.Cluster`, in a subprocess of its own) runs the real Ray Data chain of `build_pipeline`
-with sleep stand-ins for the GPU stages, costed from public A100 figures. It measures the busy fraction of each
-pool between its first and last item and predicts the wall time of a full run on that cluster shape.
+with sleep stand-ins for the GPU stages, sized and costed by `synthalign plan` (pipelines/plan.py: public A100
+figures). It measures each pool's busy fraction between its first and last item and Ray's idle time between one
+actor's batches, and checks the plan's predicted stream time against the simulated one.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import shutil
 import time
@@ -14,9 +17,6 @@ from pathlib import Path
 from pipelines.bench.child import REPO, run_child
 
 SIM_ENV = "SYNTHALIGN_SIM"
-# A100 seconds per item from public figures: SD3-Medium 1024² at 28 steps ≈ 3.1 s per image; a 7B VLM
-# answer ≈ 0.5-1 s (13B ≈ 1.9× a 7B); ImageReward and ArmoRM ≈ 0.05 s per image / answer.
-GPU_SECONDS = {"images": 3.1, "selection": 0.05, "rewards": 0.05, "sampling": 0.75, "sampling-13b": 1.4}
 
 
 class _SimStage:
@@ -31,7 +31,7 @@ class _SimStage:
 
     def __call__(self, batch):
         t0, (batch, items) = time.time(), self.fill(batch)
-        time.sleep(self.per_item * items)
+        time.sleep(max(0.0, self.per_item * items - (time.time() - t0)))   # the batch takes its modelled time
         with open(self.log / f"{self.key.replace(':', '_')}-{os.getpid()}.jsonl", "a") as f:
             f.write(json.dumps({"t0": t0, "t1": time.time(), "items": items}) + "\n")
         return batch
@@ -100,32 +100,36 @@ class SimRewards(_SimStage):
 SIM_STAGES = {"images": SimImages, "selection": SimSelection, "sampling": SimSampler, "rewards": SimRewards}
 
 
-def sim_shape(cfg, gpus: float | None = None, shape: dict | None = None) -> dict[str, float]:
-    """GPUs per pool: `shape` as given, else balanced for `gpus`: whole GPUs to diffusion, the others sized
-    (fractions share a GPU) to keep up with it, 5% headroom."""
-    cost = sim_costs(cfg)
-    if shape:
-        return {k: float(shape.get(k, shape.get("sampling", 1.0) if k.startswith("sampling:") else 1.0))
-                for k in cost}
-    per_prompt = {k: c * items for k, (c, items) in cost.items()}
-    img = max(1, int(gpus * per_prompt["images"] / sum(per_prompt.values())))
-    rate = img / per_prompt["images"]
-    return {k: float(img) if k == "images" else round(v * rate * 1.05, 3) for k, v in per_prompt.items()}
+def sim_plan(cfg, gpus: int = 8, nodes: int = 1, shape: dict | None = None):
+    """The plan the simulation runs: `synthalign plan`'s for `nodes` x `gpus`, or a given shape (GPUs per pool;
+    `sampling` for every sampler without its own), split into actors the same way."""
+    from pipelines.plan import Plan, default_costs, items_per_prompt, make_plan, split
+    if not shape:
+        return make_plan(cfg, gpus, nodes)
+    rows, samplers = items_per_prompt(cfg), {f"sampling:{s.label}": s for s in cfg.samplers}
+    want = {k: float(shape.get(k, shape.get("sampling", 1.0) if k.startswith("sampling:") else 1.0)) for k in rows}
+    pools = {}
+    for k, g in want.items():
+        size, share = split(g)
+        pools[k] = dataclasses.replace(cfg.pool(k.split(":")[0], samplers.get(k)), size=size, num_gpus=share,
+                                       max_size=None, resources={})
+    gpus = math.ceil(sum(want.values())) + 1        # +1: room to pack the fractions
+    return Plan("", 1, gpus, cfg.prompts.num_prompts, default_costs(cfg), [], rows,
+                {k: round(p.size * p.num_gpus, 3) for k, p in pools.items()}, pools)
 
 
-def sim_costs(cfg) -> dict[str, tuple[float, int]]:
-    """Pool key -> (A100 seconds per item, items per prompt)."""
-    k, q = cfg.images.num_candidates, cfg.prompts.instructions_per_prompt
-    out = {"images": (GPU_SECONDS["images"], k), "selection": (GPU_SECONDS["selection"], k)}
-    for s in cfg.samplers:
-        out[f"sampling:{s.label}"] = (GPU_SECONDS["sampling-13b" if "13b" in s.label else "sampling"], q * s.n)
-    out["rewards"] = (GPU_SECONDS["rewards"], q * sum(s.n for s in cfg.samplers))
+def _gaps(spans: list[dict]) -> list[float]:
+    """Idle time between one actor's consecutive batches (spans are logged per process)."""
+    out = []
+    for pid_spans in spans:
+        s = sorted(pid_spans, key=lambda x: x["t0"])
+        out += [b["t0"] - a["t1"] for a, b in zip(s, s[1:])]
     return out
 
 
 def cluster_child(a: dict) -> dict:
-    """Own Ray: a head and two GPU node groups (diffusion_node, gpu_node), then the real chain on stand-ins."""
-    import math
+    """Own Ray: a head and `nodes` GPU nodes, then the real chain on stand-ins sized by the plan."""
+    import statistics
     import tempfile
 
     import ray
@@ -133,7 +137,6 @@ def cluster_child(a: dict) -> dict:
 
     from actors.prompts import load_prompts
     from cluster.connect import connect
-    from cluster.resources import PoolConfig
     from pipelines.config import load_config
     from pipelines.generate.job import (
         build_pipeline,
@@ -145,27 +148,27 @@ def cluster_child(a: dict) -> dict:
     shutil.rmtree(work, ignore_errors=True)
     (work / "log").mkdir(parents=True)
     cfg = load_config(REPO / "configs" / a["config"], [f"output_dir={work / 'run'}",
-                                                       f"prompts.num_prompts={a['prompts']}"])
-    gpus, costs, pools, per_item = sim_shape(cfg, a["gpus"], a["shape"]), sim_costs(cfg), {}, {}
-    for key, g in gpus.items():
-        size = max(1, math.ceil(g))
-        node = "diffusion_node" if key == "images" else "gpu_node"
-        pools[key] = PoolConfig(size=size, batch_size=cfg.pool(key.split(":")[0]).batch_size, num_cpus=0.25,
-                                num_gpus=g / size, resources={node: 0.001})
-        per_item[key] = costs[key][0] * a["scale"] / (g / size)
+                                                       f"prompts.num_prompts={a['prompts']}", "fuse=false"])
+    plan = sim_plan(cfg, int(a["gpus"]), a.get("nodes", 1), a["shape"])
+    pools = {k: dataclasses.replace(p, num_cpus=0.25) for k, p in plan.pools.items()}  # 2 real cores host it all
+    per_item = {k: plan.costs[k] * a["scale"] / p.num_gpus for k, p in pools.items()}
     cfg.pools = pools
     os.environ[SIM_ENV] = json.dumps({"per_item": per_item, "log_dir": str(work / "log"),
                                       "image_bytes": a["image_bytes"]})  # raylets and their workers inherit it
-    other = sum(g for k, g in gpus.items() if k != "images")
     common = {"object_store_memory": 200 * 1024 ** 2}  # (127.0.0.1 would not do: ray.init maps it to the host IP)
     # A private temp dir: a plain `ray.init()` elsewhere on this machine must not join this cluster.
     os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="sa-sim-", dir="/tmp")  # short: socket path limits
     c = Cluster(initialize_head=True, head_node_args={**common, "num_cpus": 2, "include_dashboard": False})
     try:
-        c.add_node(**common, num_cpus=8, num_gpus=math.ceil(gpus["images"]), resources={"diffusion_node": 1})
-        c.add_node(**common, num_cpus=8, num_gpus=math.ceil(other) + 1, resources={"gpu_node": 1})  # +1: packing
+        for _ in range(plan.nodes):
+            c.add_node(**common, num_cpus=8, num_gpus=plan.gpus_per_node)
         c.wait_for_nodes()
         connect(c.address)
+        # Each pool's actors all start before its first batch: else the first actor up takes work while the
+        # others still start (~1 s apart on 2 busy cores), and that spread (~18% of the diffusion pool's window at
+        # 600 prompts) would count as idle. Startup is measured apart (`synthalign generate`'s timings).
+        import ray.data
+        ray.data.DataContext.get_current().wait_for_min_actors_s = 600
         rows = load_prompts(cfg.prompts)
         t0 = time.time()
         write_scored(build_pipeline(cfg, prompt_table(rows), load_vocab(cfg.rewards, cfg.prompts.source),
@@ -178,32 +181,62 @@ def cluster_child(a: dict) -> dict:
         shutil.rmtree(os.environ["RAY_TMPDIR"], ignore_errors=True)
     spans: dict[str, list] = {}
     for f in (work / "log").glob("*.jsonl"):
-        spans.setdefault(f.stem.rsplit("-", 1)[0], []).extend(json.loads(ln) for ln in f.read_text().splitlines())
+        spans.setdefault(f.stem.rsplit("-", 1)[0], []).append([json.loads(ln) for ln in f.read_text().splitlines()])
     report, scale = {}, a["scale"]
-    for key, g in gpus.items():
-        s = spans.get(key.replace(":", "_"), [])
+    # Ray's per-batch overhead on this host: the median idle time between one actor's batches in the lead pool,
+    # which always has input waiting (elsewhere idle time also holds waits for input, by design)
+    gaps = _gaps(spans.get(plan.lead.replace(":", "_"), []))
+    overhead = statistics.median(gaps) if gaps else 0.0
+    for key, p in pools.items():
+        s = [x for actor in spans.get(key.replace(":", "_"), []) for x in actor]
         first, last = min(x["t0"] for x in s), max(x["t1"] for x in s)
-        report[key] = {"gpus": g, "actors": pools[key].size, "a100_s_per_item": costs[key][0],
-                       "busy": round(sum(x["t1"] - x["t0"] for x in s) / (pools[key].size * (last - first)), 3),
-                       "window_s": round(last - first, 2), "first": first, "last": last}
-    img = report["images"]
-    end = max(r["last"] for r in report.values())
+        busy = sum(x["t1"] - x["t0"] for x in s)
+        capacity = p.size * (last - first)
+        report[key] = {"gpus": plan.gpus[key], "actors": p.size, "a100_s_per_item": round(plan.costs[key], 4),
+                       "batches": len(s), "busy": round(busy / capacity, 3),
+                       "busy_net": round(min(1.0, (busy + len(s) * overhead) / capacity), 3),
+                       "batch_s": round(busy / len(s), 3), "window_s": round(last - first, 2),
+                       "first": first, "last": last}
+    start, end = min(r["first"] for r in report.values()), max(r["last"] for r in report.values())
+    # Steady state: every pool has started (the chain is full) until the lead pool's last item (then the others
+    # drain). Balance shows here; the first->last figure adds the fill and drain of a short run.
+    full, lead_end = max(r["first"] for r in report.values()), report[plan.lead]["last"]
+    for key, p in pools.items():
+        inside = sum(max(0.0, min(x["t1"], lead_end) - max(x["t0"], full))
+                     for actor in spans.get(key.replace(":", "_"), []) for x in actor)
+        report[key]["busy_steady"] = round(inside / (p.size * (lead_end - full)), 3) if lead_end > full else None
+    img = report[plan.lead] if plan.lead in report else report["images"]
     per_prompt_s = img["window_s"] / a["prompts"] / scale          # real seconds per prompt at steady state
     target = a["target_prompts"]
+    predicted = plan.predict_s(a["prompts"], scale)
+    with_overhead = plan.predict_s(a["prompts"], scale, overhead)
     return {"config": a["config"], "cost_scale": scale, "prompts": a["prompts"], "wall_s": round(wall, 1),
-            "gpus_total": round(sum(gpus.values()), 3), "pools": {k: {x: v for x, v in r.items() if x not in (
-                "first", "last")} for k, r in report.items()},
+            "gpus_total": round(sum(plan.gpus.values()), 3), "nodes": plan.nodes, "gpus_per_node": plan.gpus_per_node,
+            "pools": {k: {x: v for x, v in r.items() if x not in ("first", "last")} for k, r in report.items()},
             "min_busy": min(r["busy"] for r in report.values()),
-            "predict_prompts": target, "predicted_hours": round((target * per_prompt_s + (end - img["last"]) / scale)
-                                                                / 3600, 2),
-            "ideal_hours": round(target * costs["images"][0] * costs["images"][1] / gpus["images"] / 3600, 2)}
+            "min_busy_net": min(r["busy_net"] for r in report.values()), "overhead_s": round(overhead, 3),
+            "min_busy_steady": min((r["busy_steady"] or 0.0) for r in report.values()),
+            "steady_s": round(max(0.0, report[plan.lead]["last"] - max(r["first"] for r in report.values())), 2),
+            # the plan's model against the stream as simulated (first batch started -> last batch done), without
+            # and with this host's per-batch overhead
+            "predicted_stream_s": round(predicted, 2), "predicted_with_overhead_s": round(with_overhead, 2),
+            "simulated_stream_s": round(end - start, 2), "stream_ratio": round((end - start) / predicted, 3),
+            "predict_prompts": target, "predicted_hours": round(plan.predict_s(target) / 3600, 2),
+            "extrapolated_hours": round((target * per_prompt_s + (end - img["last"]) / scale) / 3600, 2),
+            "ideal_hours": round(target * plan.work(plan.lead) / plan.gpus[plan.lead] / 3600, 2)}
 
 
-def bench_cluster(work: Path, prompts: int = 600, scale: float = 0.02, gpus: float = 8, shape: dict | None = None,
-                  config: str = "pairs-9k.yaml", image_bytes: int = 16384) -> dict:
+def bench_cluster(work: Path, prompts: int = 1200, scale: float = 0.05, gpus: int = 8, shape: dict | None = None,
+                  config: str = "pairs-9k.yaml", image_bytes: int = 16384, nodes: int = 1) -> dict:
     """Runs in a subprocess: it needs its own Ray, and the caller's connection stays as it is."""
     from pipelines.config import load_config
     target = load_config(REPO / "configs" / config, ["output_dir=x"]).prompts.num_prompts
-    return run_child("cluster-child", {"out": str(work / "cluster"), "prompts": prompts, "scale": scale, "gpus": gpus,
-                                    "shape": shape, "config": config, "image_bytes": image_bytes,
-                                    "target_prompts": target}, env={"RAY_ADDRESS": ""})
+    arg = {"out": str(work / "cluster"), "prompts": prompts, "scale": scale, "gpus": gpus, "nodes": nodes,
+           "shape": shape, "config": config, "image_bytes": image_bytes, "target_prompts": target}
+    for attempt in range(3):
+        try:
+            return run_child("cluster-child", arg, env={"RAY_ADDRESS": ""})
+        except RuntimeError as e:
+            # Ray gives a node 30 s to register (fixed in ray/_private/node.py): a busy shared host misses it
+            if "timed out during startup" not in str(e) or attempt == 2:
+                raise

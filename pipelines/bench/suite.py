@@ -109,10 +109,19 @@ def markdown(r: dict) -> str:
         if shape == "bench_seconds":
             continue
         busy = ", ".join(f"{k} {v['gpus']:g} GPU {v['busy']:.0%}" for k, v in s["pools"].items())
-        rows += [("cluster", f"{shape} shape ({s['gpus_total']:g} GPUs), busy per pool", busy,
+        steady = ", ".join(f"{k} {v['busy_steady']:.0%} / {v['busy_net']:.0%}"
+                           for k, v in s["pools"].items() if v.get("busy_steady") is not None)
+        rows += [("cluster", f"{shape} shape ({s['gpus_total']:g} GPUs), busy per pool, first to last item, "
+                  f"cost scale {s['cost_scale']:g}", busy,
                   f"each {_target('cluster', 'min_busy')}", met("cluster", "min_busy", s["min_busy"])),
+                 ("cluster", f"busy in steady state / with Ray's per-batch overhead ({s['overhead_s']:g} s: the "
+                  "median idle between one diffusion actor's batches) counted as busy", steady, "", None),
+                 ("cluster", f"stream of {s['prompts']} prompts: simulated / predicted by the plan (with that "
+                  "overhead)", f"{s['simulated_stream_s']} s / {s['predicted_stream_s']} s "
+                  f"({s['predicted_with_overhead_s']} s): {s['stream_ratio']}×", "within 10%",
+                  abs(s["stream_ratio"] - 1) <= 0.1),
                  ("cluster", f"predicted wall time, {s['predict_prompts']} prompts", f"{s['predicted_hours']} h "
-                  f"(ideal {s['ideal_hours']} h)", "", None)]
+                  f"(from the simulated rate {s['extrapolated_hours']} h; ideal {s['ideal_hours']} h)", "", None)]
     lines = ["| benchmark | metric | result | target | met |", "| --- | --- | --- | --- | --- |"]
     lines += [f"| {a} | {b} | {c} | {d} | {'' if e is None else 'yes' if e else 'no'} |" for a, b, c, d, e in rows]
     m = r["machine"]

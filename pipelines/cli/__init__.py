@@ -10,6 +10,7 @@ from actors.contract import ContractError
 from pipelines.cli.bench import add_bench_command
 from pipelines.cli.cluster import add_cluster_commands
 from pipelines.cli.eval import add_eval_commands
+from pipelines.cli.plan import add_plan_command
 from pipelines.typed import ConfigTypeError
 
 USER_ERRORS = (InputError, ConfigTypeError, ContractError)
@@ -22,9 +23,17 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="Ray address to attach to (default: RAY_ADDRESS, else a local Ray)")
 
 
-def _ray(args) -> None:
+def _ray(args) -> dict:
+    """Connect; returns the clock `run_generate` reports startup against (the command's process start)."""
+    import time
+
+    import psutil
+
     from cluster.connect import connect
+    t, started = time.time(), psutil.Process().create_time()
     connect(args.address)
+    # launch: Python, imports, the config and `prepare` (tiny models, prompts, the run folder) before Ray
+    return {"command_start": started, "launch": round(t - started, 2), "ray_start": round(time.time() - t, 2)}
 
 
 def cmd_make_tiny(args) -> int:
@@ -39,11 +48,14 @@ def cmd_generate(args) -> int:
     from pipelines.generate.job import prepare, run_generate
     cfg = load_config(args.config, args.overrides)
     prepared = prepare(cfg, overwrite=args.overwrite)  # bad input fails here, before Ray starts
-    _ray(args)
-    manifest = run_generate(cfg, prepared=prepared)
+    clock = _ray(args)
+    manifest = run_generate(cfg, prepared=prepared, clock=clock)
     c = manifest["counts"]
     print(f"pairs: {c['pairs']} of {c['questions']} image-questions ({c['prompts']} prompts, {c['errors']} failed rows, "
           f"{c['answers']} answers, dropped {c['dropped'] or 'none'}) -> {cfg.output_dir}/pairs")
+    t = manifest["timings_s"]
+    keys = ("launch", "ray_start", "actor_start", "model_load", "actors_ready", "first_pair", "stream", "command")
+    print("seconds: " + ", ".join(f"{k} {t[k]:g}" for k in keys if k in t))
     return 0
 
 
@@ -67,8 +79,7 @@ def cmd_run(args) -> int:
     from pipelines.run.job import run_all
     cfg = load_config(args.config, args.overrides)
     prepared = prepare(cfg, overwrite=args.overwrite, train=True)  # bad input fails here, before Ray starts
-    _ray(args)
-    run_all(cfg, prepared)
+    run_all(cfg, prepared, clock=_ray(args))
     return 0
 
 
@@ -128,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_commands(sub)
     add_cluster_commands(sub)
     add_bench_command(sub)
+    add_plan_command(sub)
     return parser
 
 

@@ -29,7 +29,8 @@ def cmd_bench(args) -> int:
     if set(only) - {"cluster"}:  # the cluster simulation starts its own Ray in a subprocess
         from cluster.connect import connect
         connect(args.address)
-    sim = {"prompts": args.sim_prompts, "scale": args.cost_scale, "gpus": args.gpus, "shape": _shape(args.shape)}
+    sim = {"prompts": args.sim_prompts, "scale": args.cost_scale, "gpus": args.gpus, "nodes": args.nodes,
+           "shape": _shape(args.shape)}
     results = run_bench(args.out, only, tiny=args.tiny, prompts=args.prompts, sizes=_ints(args.scaling_sizes),
                         train_steps=args.train_steps, sim=sim,
                         scale={"sizes": _ints(args.scale_sizes), "px": args.scale_px,
@@ -47,9 +48,12 @@ def add_bench_command(sub) -> None:
     p.add_argument("--prompts", type=int, default=2048, help="streaming: prompts (pipeline vs loop)")
     p.add_argument("--scaling-sizes", default="500,2250", help="scaling: prompts per run (2K-vs-9K proportions)")
     p.add_argument("--train-steps", type=int, default=30, help="training: DPO steps per run")
-    p.add_argument("--sim-prompts", type=int, default=600, help="cluster: prompts through the simulated cluster")
-    p.add_argument("--cost-scale", type=float, default=0.02, help="cluster: factor on the A100 per-item seconds")
-    p.add_argument("--gpus", type=float, default=8, help="cluster: GPUs of the balanced shape")
+    p.add_argument("--sim-prompts", type=int, default=1200, help="cluster: prompts through the simulated cluster")
+    p.add_argument("--cost-scale", type=float, default=0.05,
+                   help="cluster: factor on the A100 per-item seconds (at 0.05 Ray's per-batch overhead here is "
+                        "1-6%% of a batch)")
+    p.add_argument("--gpus", type=int, default=8, help="cluster: GPUs per node of the planned shape (`synthalign plan`)")
+    p.add_argument("--nodes", type=int, default=1, help="cluster: nodes of the planned shape")
     p.add_argument("--shape", default="images=4,sampling=1,selection=0.5,rewards=0.5",
                    help="cluster: a given shape to simulate as well, GPUs per pool (sampling: each sampler)")
     p.add_argument("--scale-sizes", default="1000,16000", help="scale: pairs per training run (two sizes)")

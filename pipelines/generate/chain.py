@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,9 +56,15 @@ class Chain:
     worker process (about 1 s of CPU each; BENCHMARKS.md). With `fuse: true` the whole chain is one actor: on
     CPU nodes one process per core beats a process per stage time-sharing the cores."""
 
-    def __init__(self, parts, threads: int = 1):
-        self.parts = [cls(**kwargs, **({"threads": threads} if takes_threads else {}))
-                      for cls, kwargs, takes_threads in parts]
+    def __init__(self, parts, threads: int = 1, startup_dir: str | None = None):
+        t0, loads, self.parts = time.time(), {}, []
+        for cls, kwargs, takes_threads in parts:
+            t = time.time()
+            self.parts.append(cls(**kwargs, **({"threads": threads} if takes_threads else {})))
+            label = getattr(kwargs.get("cfg"), "label", None)   # a sampler per model
+            loads[f"{cls.__name__}:{label}" if label else cls.__name__] = round(time.time() - t, 3)
+        if startup_dir:
+            record_startup(Path(startup_dir), type(self).__name__, t0, loads)
 
     def __call__(self, batch):
         for part in self.parts:
@@ -64,13 +72,31 @@ class Chain:
         return batch
 
 
+def record_startup(folder: Path, name: str, t0: float, loads: dict) -> None:
+    """One JSON file per actor: when its process started, when its constructor began and ended, and each stage's
+    load seconds. The run folder is shared storage (the shard writes land there too); best effort: a missing
+    record costs a figure, never the run."""
+    try:
+        import psutil
+        started = psutil.Process().create_time()
+    except Exception:
+        started = None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{name}-{os.getpid()}.json").write_text(json.dumps(
+            {"actor": name, "process_start": started, "init_start": t0, "ready": time.time(), "loads": loads}))
+    except OSError:
+        pass
+
+
 def named_chain(name: str) -> type:
     """A Chain subclass named after its stage, so the dashboard shows MapWorker(MapBatches(ImageSynthesis))."""
     return type(name, (Chain,), {"__module__": __name__, "__qualname__": name})
 
 
-def build_pipeline(cfg, prompts, vocab, stages=STAGES, swap: dict | None = None):
-    """Chain the stages on a Ray Data dataset of prompt rows (a pyarrow table); the contract is checked first."""
+def build_pipeline(cfg, prompts, vocab, stages=STAGES, swap: dict | None = None, startup_dir: str | None = None):
+    """Chain the stages on a Ray Data dataset of prompt rows (a pyarrow table); the contract is checked first.
+    With `startup_dir`, every actor records its start and model-load times there (`record_startup`)."""
     import ray.data
     run_steps = steps(cfg, vocab, stages, swap)
     check_steps(run_steps)
@@ -87,7 +113,8 @@ def build_pipeline(cfg, prompts, vocab, stages=STAGES, swap: dict | None = None)
                 {**dataclasses.asdict(cfg.faults),
                  "marker_dir": cfg.faults.marker_dir or str(Path(cfg.output_dir, ".faults"))})
         ds = ds.map_batches(named_chain(step.name), fn_constructor_kwargs={"parts": step.parts,
-                                                                           "threads": step.pool.threads},
+                                                                           "threads": step.pool.threads,
+                                                                           "startup_dir": startup_dir},
                             batch_format="pyarrow", **kwargs)
     return ds
 

@@ -7,6 +7,7 @@ place (views.py), so a reader never sees half a file.
 """
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from pipelines.generate.outputs import (
     clean_partial,
     done_prompts,
     finalize,
+    shards,
 )
 
 
@@ -72,9 +74,41 @@ def write_scored(ds, folder: Path, rows_per_shard: int) -> None:
     ds.write_datasink(AtomicParquetSink(str(folder), rows_per_shard), ray_remote_args=task_kwargs(WRITE_CPUS))
 
 
-def run_generate(cfg: RunConfig, overwrite: bool = False, prepared=None) -> dict:
-    """Run (or resume) the generation job on the connected Ray cluster; returns the manifest."""
+def startup_timings(folder: Path, stream_start: float, scored: Path, since: float) -> dict:
+    """From the actors' records (chain.record_startup) and the shards: seconds from the stream's start until
+    the last actor's constructor began (`actor_start`: scheduling and process start) and until the last was ready
+    (`actors_ready`); the slowest actor's own load (`model_load`) and each stage's; the first shard written,
+    counted from `since` (`first_pair`)."""
+    import json
+    recs = []
+    for f in folder.glob("*.json"):
+        try:
+            recs.append(json.loads(f.read_text()))
+        except (OSError, ValueError):
+            pass
+    out = {}
+    if recs:
+        out["actor_start"] = round(max(r["init_start"] for r in recs) - stream_start, 2)
+        out["actors_ready"] = round(max(r["ready"] for r in recs) - stream_start, 2)
+        out["model_load"] = round(max(r["ready"] - r["init_start"] for r in recs), 2)
+        by_stage: dict = {}
+        for r in recs:
+            for name, s in r["loads"].items():
+                by_stage[name] = max(by_stage.get(name, 0.0), s)
+        out["model_load_by_stage"] = by_stage
+    written = [p.stat().st_mtime for p in shards(scored)]
+    new = [t for t in written if t >= stream_start]
+    if new:
+        out["first_pair"] = round(min(new) - since, 2)
+    return out
+
+
+def run_generate(cfg: RunConfig, overwrite: bool = False, prepared=None, clock: dict | None = None) -> dict:
+    """Run (or resume) the generation job on the connected Ray cluster; returns the manifest. `clock`, from the
+    CLI: {"command_start": epoch seconds, "launch": seconds before connecting Ray, "ray_start": seconds connecting};
+    figures count from the command's start when given."""
     t0 = time.time()
+    since = (clock or {}).get("command_start", t0)
     rows, vocab, out = prepared or prepare(cfg, overwrite)
     folder = RunFolder(cfg)
     base = {"versions": package_versions()}
@@ -83,18 +117,25 @@ def run_generate(cfg: RunConfig, overwrite: bool = False, prepared=None) -> dict
     clean_partial(scored)
     done = done_prompts(scored, {r["prompt_id"]: len(r["instructions"]) for r in rows})
     todo = [r for r in rows if r["prompt_id"] not in done]
+    startup = out / ".startup"
+    shutil.rmtree(startup, ignore_errors=True)   # this invocation's actors only
     t_prep = time.time()
     if todo:
-        write_scored(build_pipeline(cfg, prompt_table(todo), vocab), scored, cfg.rows_per_shard)
+        write_scored(build_pipeline(cfg, prompt_table(todo), vocab, startup_dir=str(startup)), scored,
+                     cfg.rows_per_shard)
     t_stream = time.time()
     counts = finalize(out, cfg.min_rows_per_file)
     counts["images_rendered"] = len(todo) * cfg.images.num_candidates
     counts["prompts_resumed"] = len(done)
     error_fraction = counts["errors"] / max(1, counts["questions"])
     status = "failed" if error_fraction > cfg.max_error_fraction else "complete"
-    manifest = {**base, "status": status, "counts": counts,
-                "timings_s": {"prepare": round(t_prep - t0, 2), "stream": round(t_stream - t_prep, 2),
-                              "finalize": round(time.time() - t_stream, 2), "total": round(time.time() - t0, 2)}}
+    before = {k: v for k, v in (clock or {}).items() if k in ("launch", "ray_start")}
+    timings = {"prepare": round(t_prep - t0, 2), **before, **startup_timings(startup, t_prep, scored, since),
+               "stream": round(t_stream - t_prep, 2), "finalize": round(time.time() - t_stream, 2),
+               "total": round(time.time() - t0, 2)}
+    if clock:
+        timings["command"] = round(time.time() - since, 2)
+    manifest = {**base, "status": status, "counts": counts, "timings_s": timings}
     folder.write_manifest(manifest)
     if status == "failed":
         raise JobError(f"{counts['errors']} of {counts['questions']} image-questions failed "

@@ -17,9 +17,9 @@ def train_run(cfg: RunConfig, data: str | None = None) -> dict:
     return run_train(cfg.train, data or cfg.train.data or str(Path(cfg.output_dir) / "pairs"), cfg.output_dir)
 
 
-def run_all(cfg: RunConfig, prepared, log=print) -> dict:
+def run_all(cfg: RunConfig, prepared, log=print, clock: dict | None = None) -> dict:
     """The whole job on the connected Ray cluster; `prepared` comes from `prepare(cfg, ..., train=True)`."""
-    manifest = run_generate(cfg, prepared=prepared)
+    manifest = run_generate(cfg, prepared=prepared, clock=clock)
     c = manifest["counts"]
     log(f"pairs: {c['pairs']} of {c['questions']} image-questions -> {cfg.output_dir}/pairs")
     summary = train_run(cfg)

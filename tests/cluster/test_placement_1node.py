@@ -31,7 +31,10 @@ def test_paper_1node_pools_all_start_on_one_8_gpu_node(tmp_path):
     pools = cfg.running_pools()
     assert sum(p.size * p.num_gpus for p in pools.values()) <= 8 and not any(p.resources for p in pools.values())
     (tmp_path / "log").mkdir()
-    os.environ[SIM_ENV] = json.dumps({"per_item": dict.fromkeys(pools, 0.001), "log_dir": str(tmp_path / "log"),
+    # images batches of ~1.6 s: long enough that a second actor is up before the first has taken all 4 (the
+    # pool's CPUs do not all fit, so not every actor starts at once)
+    per_item = {k: 0.1 if k == "images" else 0.005 for k in pools}
+    os.environ[SIM_ENV] = json.dumps({"per_item": per_item, "log_dir": str(tmp_path / "log"),
                                       "image_bytes": 1024})   # the raylet and its workers inherit it
     try:
         with private_cluster({"num_cpus": 16, "num_gpus": 8}, []):

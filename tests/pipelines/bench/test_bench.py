@@ -79,17 +79,22 @@ def test_cluster_simulation_busy_fractions(results):
     sim = r["cluster"]["balanced"]
     from conftest import ROOT
 
-    from pipelines.bench.sim import sim_costs
     from pipelines.config import load_config
+    from pipelines.plan import make_plan
     cfg = load_config(ROOT / "configs" / sim["config"], ["output_dir=x"])
-    assert set(sim["pools"]) == set(sim_costs(cfg)) == {"images", "selection", "rewards"} | {
+    plan = make_plan(cfg, 8)
+    assert set(sim["pools"]) == set(plan.pools) == {"images", "selection", "rewards"} | {
         f"sampling:{s.label}" for s in cfg.samplers}
     for name, pool in sim["pools"].items():
-        assert 0.0 <= pool["busy"] <= 1.0, name
-        assert pool["gpus"] > 0 and pool["actors"] >= 1 and pool["window_s"] > 0
+        assert 0.0 <= pool["busy"] <= pool["busy_net"] <= 1.0, name
+        assert pool["busy_steady"] is None or 0.0 <= pool["busy_steady"] <= 1.0
+        assert pool["gpus"] == plan.gpus[name] and pool["actors"] == plan.pools[name].size and pool["window_s"] > 0
+        assert pool["batches"] >= 1
     assert sim["gpus_total"] <= 8 and sim["min_busy"] == min(p["busy"] for p in sim["pools"].values())
-    assert sim["predicted_hours"] >= sim["ideal_hours"] > 0
+    assert sim["predicted_hours"] >= sim["ideal_hours"] > 0 and sim["extrapolated_hours"] > 0
     assert sim["predict_prompts"] == cfg.prompts.num_prompts
+    assert 0 < sim["predicted_stream_s"] <= sim["predicted_with_overhead_s"] and sim["simulated_stream_s"] > 0
+    assert sim["overhead_s"] >= 0
 
 
 def test_writes_json_and_markdown(results):
@@ -105,17 +110,18 @@ def test_cli_rejects_an_unknown_benchmark(tmp_path):
     assert main(["bench", "--out", str(tmp_path), "--only", "streaming,nope"]) == 2
 
 
-def test_balanced_shape_keeps_up_with_diffusion():
+def test_given_shape_is_split_into_actors_as_the_plan_does():
     from conftest import ROOT
 
-    from pipelines.bench.sim import sim_costs, sim_shape
+    from pipelines.bench.sim import sim_plan
     from pipelines.config import load_config
     cfg = load_config(ROOT / "configs" / "pairs-9k.yaml", ["output_dir=x"])
-    shape, cost = sim_shape(cfg, gpus=8), sim_costs(cfg)
-    assert shape["images"] == int(shape["images"]) >= 1 and sum(shape.values()) <= 8
-    rate = shape["images"] / (cost["images"][0] * cost["images"][1])  # prompts per second
-    for key, gpus in shape.items():
-        assert gpus / (cost[key][0] * cost[key][1]) >= rate * 0.999, key
+    plan = sim_plan(cfg, shape={"images": 4, "sampling": 1, "selection": 0.5, "rewards": 1.5})
+    assert (plan.pools["images"].size, plan.pools["images"].num_gpus) == (4, 1.0)
+    assert (plan.pools["rewards"].size, plan.pools["rewards"].num_gpus) == (2, 0.75)
+    assert all(plan.gpus[f"sampling:{s.label}"] == 1.0 for s in cfg.samplers)
+    # the bottleneck is the pool with the fewest prompts per second: here diffusion, on 4 GPUs
+    assert plan.lead == "images" and plan.gpus_per_node >= sum(plan.gpus.values())
 
 
 def test_scale_bench_pairs_are_incompressible_at_the_asked_size(tmp_path):

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import io
 import json
+import time
+from pathlib import Path
 
 import pyarrow.dataset as pads
 import pytest
@@ -20,11 +22,16 @@ def read(path, columns=None):
 
 @pytest.fixture(scope="module")
 def run(tiny_models, ray_local, tmp_path_factory):
+    from cluster.connect import connect
     from pipelines.generate.job import run_generate
+    t0 = time.time()
     out = tmp_path_factory.mktemp("gen") / "run"
     cfg = tiny_config(tiny_models, out, **{"prompts.num_prompts": N_PROMPTS,
                                             "prompts.instructions_per_prompt": N_INSTR})
-    return cfg, run_generate(cfg)
+    t = time.time()
+    connect()   # as the CLI does (the session's Ray is up already)
+    clock = {"command_start": t0, "launch": round(t - t0, 2), "ray_start": round(time.time() - t, 2)}
+    return cfg, run_generate(cfg, clock=clock)
 
 
 def test_row_counts_and_manifest(run):
@@ -45,6 +52,24 @@ def test_row_counts_and_manifest(run):
     on_disk = json.loads(open(f"{cfg.output_dir}/manifest.json").read())
     assert on_disk["data_hash"] == cfg.hash() and on_disk["versions"]["ray"] == "2.60.0"
     assert on_disk["status"] == "complete"
+
+
+def test_manifest_times_startup_and_the_first_pair(run):
+    """The startup breakdown: figures present and consistent with each other (never their size: timings on a
+    shared machine say nothing; BENCHMARKS.md has measured ones)."""
+    cfg, manifest = run
+    t = manifest["timings_s"]
+    for key in ("actor_start", "model_load", "actors_ready", "first_pair", "stream", "total", "command"):
+        assert t[key] > 0, key
+    assert t["ray_start"] >= 0 and t["launch"] >= 0
+    assert t["actor_start"] < t["actors_ready"] < t["stream"] and t["model_load"] < t["actors_ready"]
+    assert t["launch"] + t["ray_start"] + t["prepare"] < t["first_pair"] < t["command"]   # from the command's start
+    assert t["stream"] < t["total"] <= t["command"]
+    loads = t["model_load_by_stage"]
+    assert set(loads) == {"ImageSynthesis", "ImageSelection", "QuestionExpander", "AnswerSampler:tiny-llava-a",
+                          "AnswerSampler:tiny-llava-b", "RewardScorer", "PairBuilder"}
+    assert loads["AnswerSampler:tiny-llava-a"] > 0 and max(loads.values()) <= t["model_load"]
+    assert len(list((Path(cfg.output_dir) / ".startup").glob("*.json"))) == cfg.pool("images").size  # fused
 
 
 def test_pairs_columns_images_and_margins(run):
