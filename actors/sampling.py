@@ -41,6 +41,9 @@ class SamplerConfig:
     max_num_seqs: int | None = None    # concurrent sequences (vLLM default when None)
     trust_remote_code: bool = False
     adapter: str | None = None         # a PEFT LoRA adapter folder, merged into the model on load
+    # With `rounds: N`, rounds >= 2 sample this entry with the policy after the round before: its adapter on this
+    # model (transformers), or its merged weights (vllm; needs train.merge_adapter). Round 1 samples the base.
+    on_policy: bool = False
 
     @property
     def label(self) -> str:
@@ -66,6 +69,8 @@ class SamplerConfig:
             errs.append(Problem(f"{key}.gpu_memory_utilization", "must be in (0, 1]"))
         if self.max_num_seqs is not None and self.max_num_seqs < 1:
             errs.append(Problem(f"{key}.max_num_seqs", "must be >= 1 or null"))
+        if self.on_policy and self.adapter:
+            errs.append(Problem(f"{key}.adapter", "an on_policy sampler gets each round's adapter; leave adapter unset"))
         if self.adapter and self.backend == "vllm":
             errs.append(Problem(f"{key}.adapter", "the vllm backend takes merged weights (train.merge_adapter: true, "
                         "then point model at train/merged)"))
