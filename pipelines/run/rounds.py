@@ -18,6 +18,7 @@ import json
 import time
 from pathlib import Path
 
+from actors.common.errors import InputError
 from actors.common.files import atomic_write
 from pipelines.config import RunConfig
 from pipelines.folder import RunFolder
@@ -66,6 +67,11 @@ def prepare_rounds(cfg: RunConfig, overwrite: bool = False):
     an error naming it, or cleared with overwrite) before anything is removed. Returns round 1's `prepare`."""
     from pipelines.generate.job import prepare
     configs = round_configs(cfg)
+    top = RunFolder(cfg)
+    if (top.manifest() or {"rounds": []}).get("rounds") is None:   # a one-round run's folder
+        if not overwrite:
+            raise InputError("holds a one-round run; use another output_dir or pass --overwrite", file=str(top.path))
+        top.clear()
     if not overwrite:
         for c in configs:
             RunFolder(c).prepare(overwrite=False, train=True)   # raises on a stale round, removes nothing

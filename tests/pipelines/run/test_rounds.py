@@ -114,6 +114,7 @@ def test_round_2_trains_on_from_round_1s_adapter(two_rounds):
     first = json.loads((run / "rounds" / "2" / "train" / "metrics.jsonl").read_text().splitlines()[0])
     assert s2["reference"] == "previous" and first["loss"] == pytest.approx(math.log(2), abs=1e-4)
     r2 = adapter_tensors(run / "rounds" / "2" / "train" / "adapter")
+    assert not (run / "rounds" / "2" / "train" / "adapter" / "ref").exists()   # the policy's adapter alone
     assert r2.keys() == r1.keys() and any((r2[k] - r1[k]).abs().max() > 0 for k in r1)
 
 
@@ -176,3 +177,19 @@ def test_killed_in_round_2_resumes_there_and_ends_as_the_uninterrupted_run(two_r
         sorted(table(ref / "pairs", cols), key=lambda r: r["pair_id"])
     a, b = adapter_tensors(got / "train" / "adapter"), adapter_tensors(ref / "train" / "adapter")
     assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() < 1e-5 for k in a)
+
+
+def test_reference_base_measures_round_2_against_the_base(two_rounds, ray_local, tmp_path):
+    """`train.reference: base`: round 2 still starts from round 1's adapter, but its DPO reference is the base
+    (the adapter disabled), so the first step's loss is no longer log 2."""
+    from pipelines.run.rounds import round_config
+    from pipelines.train.job import run_train
+    c = round_config(two_rounds, 2)
+    c.train.reference = "base"
+    summary = run_train(c.train, str(Path(c.output_dir) / "pairs"), str(tmp_path))
+    first = json.loads((tmp_path / "train" / "metrics.jsonl").read_text().splitlines()[0])
+    assert summary["reference"] == "base" and summary["init_adapter"] == c.train.init_adapter
+    assert summary["init_checksum"] == pytest.approx(
+        json.loads((Path(c.output_dir) / "train" / "summary.json").read_text())["init_checksum"])
+    assert abs(first["loss"] - math.log(2)) > 1e-3
+    assert not (tmp_path / "train" / "adapter" / "ref").exists()

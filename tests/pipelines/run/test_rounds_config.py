@@ -79,6 +79,16 @@ def test_a_changed_round_1_recipe_is_refused_before_anything_is_removed(tmp_path
     assert all((tmp_path / "run" / "rounds" / str(r) / "train" / "recipe.json").exists() for r in (1, 2))
 
 
+def test_a_one_round_run_folder_is_not_taken_over(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "manifest.json").write_text(json.dumps({"data_hash": "0123456789abcdef", "status": "complete"}))
+    cfg = load_config(ROOT / "configs" / "shapes-rounds.yaml", [f"output_dir={run}"])
+    with pytest.raises(InputError, match="holds a one-round run"):
+        prepare_rounds(cfg)
+    assert json.loads((run / "manifest.json").read_text())["data_hash"] == "0123456789abcdef"
+
+
 def test_rounds_report(tmp_path):
     from pipelines.report.report import write_report
     run = tmp_path / "run"
