@@ -177,8 +177,9 @@ class RunConfig:
             if s.on_policy and s.backend == "vllm" and not self.train.merge_adapter:
                 errs.append(Problem(f"samplers[{i}].on_policy", "vllm samples the merged policy: set "
                                                                 "train.merge_adapter: true"))
-        if self.train.init_adapter:
-            errs.append(Problem("train.init_adapter", "rounds > 1 set it per round; leave it unset"))
+        for key in ("init_adapter", "data"):
+            if getattr(self.train, key):
+                errs.append(Problem(f"train.{key}", "rounds > 1 set it per round (its own folder); leave it unset"))
         return errs
 
 

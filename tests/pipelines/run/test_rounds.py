@@ -109,7 +109,7 @@ def test_round_2_trains_on_from_round_1s_adapter(two_rounds):
     assert s1["init_adapter"] is None and s2["init_adapter"] == str((run / "rounds" / "1" / "train" / "adapter").resolve())
     # the trainable weights round 2 started from are round 1's saved adapter, not a fresh LoRA
     assert s2["init_checksum"] == pytest.approx(sum(float(t.double().sum()) for t in r1.values()), rel=1e-6)
-    assert s2["init_checksum"] != pytest.approx(s1["init_checksum"])
+    assert s1["init_checksum"] is None and any(float(t.abs().max()) > 0 for k, t in r1.items() if "lora_B" in k)
     # reference = previous (the default): at step 1 the policy is its reference, so the DPO loss is log 2
     first = json.loads((run / "rounds" / "2" / "train" / "metrics.jsonl").read_text().splitlines()[0])
     assert s2["reference"] == "previous" and first["loss"] == pytest.approx(math.log(2), abs=1e-4)

@@ -58,6 +58,7 @@ def test_new_keys_stay_out_of_the_hashes_at_their_defaults():
     (["samplers=[{model: .synthalign/shapes/llava, adapter: a, on_policy: true}]"], "samplers[0].adapter"),
     (["train.reference=sft"], "train.reference"),
     (["train.init_adapter=somewhere"], "train.init_adapter"),
+    (["train.data=pairs"], "train.data"),
 ])
 def test_what_an_iterative_run_refuses(sets, key):
     with pytest.raises(InputError, match=f"field {re.escape(repr(key))}"):
