@@ -107,7 +107,7 @@ def run_rounds(cfg: RunConfig, prepared, log=print) -> dict:
     held-out set, then the report. `prepared` comes from `prepare_rounds`."""
     from pipelines.generate.job import prepare, run_generate
     from pipelines.report.report import write_report
-    from pipelines.run.job import train_run
+    from pipelines.train.job import run_train
     results = []
     for r, c in enumerate(round_configs(cfg), 1):
         t0 = time.time()
@@ -118,7 +118,8 @@ def run_rounds(cfg: RunConfig, prepared, log=print) -> dict:
         write_rounds_manifest(cfg, f"running round {r}")
         manifest = run_generate(c, prepared=prepared if r == 1 else prepare(c, train=True))
         log(f"round {r}: pairs {manifest['counts']['pairs']} of {manifest['counts']['questions']} -> {c.output_dir}")
-        summary = train_run(c)
+        RunFolder(c).claim_train()   # as `run` does: the recipe first, so a later config is compared with it
+        summary = run_train(c.train, str(Path(c.output_dir) / "pairs"), c.output_dir)
         log(f"round {r}: train {summary['steps']} steps, final loss {summary['final_loss']}")
         write_report(c.output_dir)
         results.append({"round": r, "generate": manifest, "train": summary, "seconds": round(time.time() - t0, 1)})
