@@ -41,8 +41,9 @@ class SamplerConfig:
     max_num_seqs: int | None = None    # concurrent sequences (vLLM default when None)
     trust_remote_code: bool = False
     adapter: str | None = None         # a PEFT LoRA adapter folder, merged into the model on load
-    # With `rounds: N`, rounds >= 2 sample this entry with the policy after the round before: its adapter on this
-    # model (transformers), or its merged weights (vllm; needs train.merge_adapter). Round 1 samples the base.
+    # With `rounds: N` this entry samples the policy being trained (train.model, in place of `model`): in round 1
+    # the base, in round r >= 2 the base with round r-1's adapter (transformers) or its merged weights (vllm; needs
+    # train.merge_adapter).
     on_policy: bool = False
 
     @property

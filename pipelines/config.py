@@ -171,9 +171,6 @@ class RunConfig:
             errs.append(Problem("rounds", "rounds > 1 need fresh prompts every round: prompts.source 'generate' "
                                           "or 'shapes' (a prompts file holds one set)"))
         for i, s in enumerate(self.samplers):
-            if s.on_policy and s.model != self.train.model:
-                errs.append(Problem(f"samplers[{i}].model", "an on_policy sampler samples the policy being trained: "
-                                                            f"its model must be train.model ({self.train.model})"))
             if s.on_policy and s.backend == "vllm" and not self.train.merge_adapter:
                 errs.append(Problem(f"samplers[{i}].on_policy", "vllm samples the merged policy: set "
                                                                 "train.merge_adapter: true"))

@@ -34,8 +34,10 @@ def round_config(cfg: RunConfig, r: int) -> RunConfig:
     c = copy.deepcopy(cfg)
     c.rounds, c.output_dir, c.eval = 1, str(round_dir(cfg, r)), None   # the top folder evaluates every round
     c.prompts.round = r
-    for s in c.samplers:
-        s.on_policy = False   # resolved below: the round's config names the weights it samples
+    for s, given in zip(c.samplers, cfg.samplers):
+        s.on_policy = False   # resolved here: the round's config names the weights it samples
+        if given.on_policy:   # the policy being trained: train.model (+ the round before's adapter, below)
+            s.model = cfg.train.model
     if r == 1:
         return c
     prev = round_config(cfg, r - 1)

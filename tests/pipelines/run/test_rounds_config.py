@@ -32,6 +32,9 @@ def test_shapes_rounds_config_makes_three_chained_rounds():
         assert c.previous == prev.train_hash() and c.train.init_adapter == adapter
         assert c.samplers[0].adapter == adapter and not c.samplers[0].on_policy and c.eval is None
     assert len({c.hash() for c in rounds}) == 3
+    # an on_policy sampler samples the policy being trained, whatever model it names
+    moved = load_config(ROOT / "configs" / "shapes-rounds.yaml", ["train.model=elsewhere/llava"])
+    assert all(c.samplers[0].model == "elsewhere/llava" for c in round_configs(moved))
 
 
 def test_new_keys_stay_out_of_the_hashes_at_their_defaults():
@@ -53,7 +56,6 @@ def test_new_keys_stay_out_of_the_hashes_at_their_defaults():
 @pytest.mark.parametrize("sets,key", [
     (["rounds=0"], "rounds"),
     (["prompts.source=file", "prompts.file=p.txt"], "rounds"),
-    (["samplers=[{model: other, on_policy: true}]"], "samplers[0].model"),
     (["samplers=[{model: .synthalign/shapes/llava, backend: vllm, on_policy: true}]"], "samplers[0].on_policy"),
     (["samplers=[{model: .synthalign/shapes/llava, adapter: a, on_policy: true}]"], "samplers[0].adapter"),
     (["train.reference=sft"], "train.reference"),
