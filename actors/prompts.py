@@ -59,6 +59,9 @@ class PromptsConfig:
     max_objects: int = 3
     file: str | None = None            # .txt (one prompt a line) or .jsonl
     instructions_file: str | None = None  # .txt, line i goes with prompt i (paper format)
+    # Which round of an iterative run draws these prompts: round r >= 2 draws from a namespace of its own, so its
+    # prompt ids differ from every other round's and from the held-out eval set's. Set by the run, not by hand.
+    round: int = 1
 
     def validate(self) -> list[Problem]:
         errs = []
@@ -70,6 +73,10 @@ class PromptsConfig:
             errs.append(Problem("prompts.instructions_per_prompt", "must be > 0"))
         if self.max_objects <= 0:
             errs.append(Problem("prompts.max_objects", "must be > 0"))
+        if self.round < 1:
+            errs.append(Problem("prompts.round", "must be >= 1"))
+        if self.round > 1 and self.source == "file":
+            errs.append(Problem("prompts.source", "rounds >= 2 need fresh prompts: use source 'generate' or 'shapes'"))
         if self.source == "file" and not self.file:
             errs.append(Problem("prompts.file", "required when prompts.source is 'file'"))
         return errs
@@ -85,10 +92,16 @@ def _plural(word: str, n: int) -> str:
     return word + "s"
 
 
+def round_namespace(round_: int) -> str:
+    """'' for round 1 (today's prompts); 'r<k>' for round k, which no other round or the eval set draws from."""
+    return "" if round_ == 1 else f"r{round_}"
+
+
 def generate_prompt(seed: int, index: int, max_objects: int, n_instructions: int,
-                    classes: list[str]) -> dict:
+                    classes: list[str], round_: int = 1) -> dict:
     # One RNG per index: growing num_prompts keeps the first prompts unchanged.
-    rng = random.Random(f"{seed}:{index}")
+    ns = round_namespace(round_)
+    rng = random.Random(f"{seed}:{ns}:{index}" if ns else f"{seed}:{index}")
     objects = rng.sample(classes, rng.randint(1, min(max_objects, len(classes))))
     phrases = []
     for obj in objects:
@@ -99,7 +112,7 @@ def generate_prompt(seed: int, index: int, max_objects: int, n_instructions: int
     image_prompt = f"{rng.choice(STYLES)} {body} {rng.choice(SCENES)}"
     picks = rng.sample(TEMPLATES, min(n_instructions, len(TEMPLATES)))
     instructions = [t.format(obj=rng.choice(objects)) for t in picks]
-    return {"prompt_id": f"g{seed}-{index:07d}", "image_prompt": image_prompt,
+    return {"prompt_id": f"g{seed}{ns}-{index:07d}", "image_prompt": image_prompt,
             "instructions": instructions, "gt_objects": sorted(set(objects))}
 
 
@@ -170,11 +183,12 @@ def load_prompts(cfg: PromptsConfig, mentions=None) -> list[dict]:
     """All prompt rows. `mentions(text) -> classes` fills gt_objects for file prompts that lack them."""
     if cfg.source == "generate":
         classes = default_classes()
-        return [generate_prompt(cfg.seed, i, cfg.max_objects, cfg.instructions_per_prompt, classes)
+        return [generate_prompt(cfg.seed, i, cfg.max_objects, cfg.instructions_per_prompt, classes, cfg.round)
                 for i in range(cfg.num_prompts)]
     if cfg.source == "shapes":
         from actors.common.shapes import shapes_prompt_row
-        return [shapes_prompt_row(cfg.seed, i, cfg.instructions_per_prompt, cfg.max_objects)
+        ns = "train" if cfg.round == 1 else f"train-{round_namespace(cfg.round)}-"  # eval draws from "eval"
+        return [shapes_prompt_row(cfg.seed, i, cfg.instructions_per_prompt, cfg.max_objects, ns)
                 for i in range(cfg.num_prompts)]
     path = Path(cfg.file)
     rows = _from_jsonl(path) if path.suffix in (".jsonl", ".json") else _from_text(path, cfg.instructions_file)

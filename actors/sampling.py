@@ -42,6 +42,10 @@ class SamplerConfig:
     enforce_eager: bool = False        # vllm: skip torch.compile / CUDA graphs (starts minutes sooner; the CPU lane)
     trust_remote_code: bool = False
     adapter: str | None = None         # a PEFT LoRA adapter folder, merged into the model on load
+    # With `rounds: N` this entry samples the policy being trained (train.model, in place of `model`): in round 1
+    # the base, in round r >= 2 the base with round r-1's adapter (transformers) or its merged weights (vllm; needs
+    # train.merge_adapter).
+    on_policy: bool = False
 
     @property
     def label(self) -> str:
@@ -67,6 +71,8 @@ class SamplerConfig:
             errs.append(Problem(f"{key}.gpu_memory_utilization", "must be in (0, 1]"))
         if self.max_num_seqs is not None and self.max_num_seqs < 1:
             errs.append(Problem(f"{key}.max_num_seqs", "must be >= 1 or null"))
+        if self.on_policy and self.adapter:
+            errs.append(Problem(f"{key}.adapter", "an on_policy sampler gets each round's adapter; leave adapter unset"))
         if self.adapter and self.backend == "vllm":
             errs.append(Problem(f"{key}.adapter", "the vllm backend takes merged weights (train.merge_adapter: true, "
                         "then point model at train/merged)"))

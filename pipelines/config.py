@@ -1,6 +1,7 @@
 """The run config: one YAML file, typed, `key.sub=value` overrides, validated on load."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -26,16 +27,39 @@ from pipelines.typed import ConfigTypeError, from_dict, set_dotted
 
 POOL_STAGES = tuple(s.pool for s in STAGES)
 # What neither generation nor training depends on: where output goes, how it is scheduled, test hooks.
-RUN_KEYS = ("output_dir", "tiny_models", "tiny_recipe", "cluster", "pools", "fuse", "train", "min_rows_per_file", "rows_per_shard",
+RUN_KEYS = ("output_dir", "rounds", "tiny_models", "tiny_recipe", "cluster", "pools", "fuse", "train", "min_rows_per_file", "rows_per_shard",
             "max_error_fraction", "faults", "eval")
 # Training keys that change how a run is watched or scheduled, not what it learns.
 TRAIN_RUN_KEYS = ("save_steps", "logging_steps", "num_to_keep", "max_failures", "merge_adapter", "report_to",
                   "gradient_checkpointing", "workers")
 
 
+def _without_new_defaults(data: dict, train: dict | None = None) -> dict:
+    """Keys added with `rounds` stay out of the hashes at their defaults, so folders made before them still
+    match their configs (and round 1 of an iterative run hashes as the same run with `rounds: 1`)."""
+    d = copy.deepcopy(data)
+    if d.get("previous") is None:
+        d.pop("previous", None)
+    if d.get("prompts", {}).get("round") == 1:
+        d["prompts"].pop("round")
+    for s in d.get("samplers", []):
+        if not s.get("on_policy"):
+            s.pop("on_policy", None)
+    for t in [d.get("train"), train]:
+        if isinstance(t, dict) and t.get("init_adapter") is None:
+            t.pop("init_adapter", None)
+            t.pop("reference", None)   # no adapter to start from: the reference is the base either way
+    return d
+
+
 @dataclass
 class RunConfig:
     output_dir: str
+    # Iterative on-policy DPO: round r >= 2 samples fresh prompts with the policy after round r-1 (samplers with
+    # on_policy: true), then continues its adapter. Each round is a run folder of its own: <output_dir>/rounds/<r>.
+    rounds: int = 1
+    # Set by pipelines.run.rounds, not by hand: the train hash of the round this one samples from and continues.
+    previous: str | None = None
     tiny_models: str | None = None     # build the tiny random-weight models here when missing
     # Which: "tiny" (the CPU demo's), "paper" (twins of paper.yaml's models), "shapes" (the shapes-world LLaVA);
     # default: shapes when images.backend is shapes, else tiny.
@@ -79,12 +103,13 @@ class RunConfig:
 
     def data_dict(self) -> dict:
         """What determines the generated data (not where it goes or how it is scheduled)."""
-        return {k: v for k, v in self.to_dict().items() if k not in RUN_KEYS}
+        return _without_new_defaults({k: v for k, v in self.to_dict().items() if k not in RUN_KEYS})
 
     def train_dict(self) -> dict:
         """What determines the trained adapter besides the data; the worker count sets the global batch."""
         d = {k: v for k, v in dataclasses.asdict(self.train).items() if k not in TRAIN_RUN_KEYS}
         d["num_workers"] = self.train.workers.num_workers
+        _without_new_defaults({}, d)
         return d
 
     def hash(self) -> str:
@@ -116,6 +141,7 @@ class RunConfig:
             elif ":" in name and name.split(":", 1)[1] not in labels:
                 errs.append(Problem(f"pools.{name}", f"no sampler is named '{name.split(':', 1)[1]}'"))
             errs += pool.validate(f"pools.{name}")
+        errs += self._rounds_problems()
         if self.tiny_recipe not in (None, "tiny", "paper", "shapes"):
             errs.append(Problem("tiny_recipe", "must be 'tiny', 'paper' or 'shapes'"))
         if self.min_rows_per_file < 1:
@@ -132,6 +158,25 @@ class RunConfig:
             errs += self.eval.validate()
         if self.cluster:
             errs += self.cluster.placement_problems(self.running_pools())
+        return errs
+
+
+    def _rounds_problems(self) -> list[Problem]:
+        if self.rounds < 1:
+            return [Problem("rounds", "must be >= 1")]
+        if self.rounds == 1:
+            return []
+        errs = []
+        if self.prompts.source == "file":
+            errs.append(Problem("rounds", "rounds > 1 need fresh prompts every round: prompts.source 'generate' "
+                                          "or 'shapes' (a prompts file holds one set)"))
+        for i, s in enumerate(self.samplers):
+            if s.on_policy and s.backend == "vllm" and not self.train.merge_adapter:
+                errs.append(Problem(f"samplers[{i}].on_policy", "vllm samples the merged policy: set "
+                                                                "train.merge_adapter: true"))
+        for key in ("init_adapter", "data"):
+            if getattr(self.train, key):
+                errs.append(Problem(f"train.{key}", "rounds > 1 set it per round (its own folder); leave it unset"))
         return errs
 
 

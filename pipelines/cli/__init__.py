@@ -43,10 +43,18 @@ def cmd_make_tiny(args) -> int:
     return 0
 
 
+def _one_round(cfg, command: str):
+    """generate and train work on one run folder; an iterative run's rounds depend on each other."""
+    if cfg.rounds > 1:
+        raise InputError(f"rounds: {cfg.rounds} runs with `synthalign run` (each round samples the policy of the "
+                         f"one before); `synthalign {command}` takes one round's folder: --set rounds=1", field="rounds")
+    return cfg
+
+
 def cmd_generate(args) -> int:
     from pipelines.config import load_config
     from pipelines.generate.job import prepare, run_generate
-    cfg = load_config(args.config, args.overrides)
+    cfg = _one_round(load_config(args.config, args.overrides), "generate")
     prepared = prepare(cfg, overwrite=args.overwrite)  # bad input fails here, before Ray starts
     clock = _ray(args)
     manifest = run_generate(cfg, prepared=prepared, clock=clock)
@@ -64,7 +72,7 @@ def cmd_train(args) -> int:
     from pipelines.folder import RunFolder
     from pipelines.run.job import train_run
     from pipelines.train.job import check_recipe
-    cfg = load_config(args.config, args.overrides)
+    cfg = _one_round(load_config(args.config, args.overrides), "train")
     check_recipe(cfg.train)                                               # bad input fails before Ray starts
     RunFolder(cfg).prepare(overwrite=args.overwrite, data=False, train=True)
     _ray(args)
@@ -75,10 +83,9 @@ def cmd_train(args) -> int:
 
 def cmd_run(args) -> int:
     from pipelines.config import load_config
-    from pipelines.generate.job import prepare
-    from pipelines.run.job import run_all
+    from pipelines.run.job import prepare_run, run_all
     cfg = load_config(args.config, args.overrides)
-    prepared = prepare(cfg, overwrite=args.overwrite, train=True)  # bad input fails here, before Ray starts
+    prepared = prepare_run(cfg, overwrite=args.overwrite)  # bad input fails here, before Ray starts
     run_all(cfg, prepared, clock=_ray(args))
     return 0
 

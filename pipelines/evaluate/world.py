@@ -120,22 +120,27 @@ def evaluate_model(backend, data: dict, cfg: WorldEvalConfig) -> tuple[dict, lis
     return metrics, records
 
 
-def run_world_eval(run_cfg, log=print) -> dict:
-    """Evaluate the base model and the run's adapter; writes <output_dir>/eval/summary.json."""
+def run_world_eval(run_cfg, log=print, adapters: list[tuple[str, str]] | None = None) -> dict:
+    """Evaluate the base model and the run's adapter; writes <output_dir>/eval/summary.json.
+
+    `adapters` [(name, folder)]: every round's adapter of an iterative run, in order, on the same held-out set;
+    summary.json then holds a `rounds` list, and `adapter` is the last round's."""
     import torch
     cfg: WorldEvalConfig = run_cfg.eval
     out = Path(run_cfg.output_dir) / "eval"
     out.mkdir(parents=True, exist_ok=True)
     model = cfg.model or run_cfg.train.model
     adapter = cfg.adapter or str(Path(run_cfg.output_dir) / "train" / "adapter")
+    models = [("base", None)] + (adapters or [("adapter", adapter)])
     seed = run_cfg.prompts.seed if cfg.seed is None else cfg.seed
     threads = torch.get_num_threads()
     torch.set_num_threads(1)   # one thread: two are erratic on 2-core machines (STACK-NOTES)
     try:
         data = eval_set(cfg, seed, (run_cfg.images.width, run_cfg.images.height)) if cfg.world == "shapes" \
             else generated_eval_set(cfg, run_cfg, seed)
-        summary = {"world": cfg.world, "images": cfg.num_images, "seed": seed, "model": model, "adapter": adapter}
-        for name, path in (("base", None), ("adapter", adapter)):
+        summary = {"world": cfg.world, "images": cfg.num_images, "seed": seed, "model": model,
+                   "adapter": models[-1][1]}
+        for name, path in models:
             t0 = time.time()
             metrics, records = evaluate_model(load_model(model, path), data, cfg)
             summary[name] = {**metrics, "seconds": round(time.time() - t0, 1)}
@@ -146,5 +151,13 @@ def run_world_eval(run_cfg, log=print) -> dict:
                 f"CHAIR_s {metrics['chair']['chair_s']:.3f}")
     finally:
         torch.set_num_threads(threads)
+    if adapters:
+        summary["rounds"] = [{"round": i, "adapter": path, **summary.pop(name)}
+                             for i, (name, path) in enumerate(adapters, 1)]
+        # `adapter` (as a one-round run has it) is the last round's, with its answers file
+        last = summary["rounds"][-1]
+        summary["adapter"] = {k: v for k, v in last.items() if k not in ("round", "adapter")}
+        summary["adapter_path"], summary["adapter_round"] = last["adapter"], last["round"]
+        (out / "answers-adapter.jsonl").write_bytes((out / f"answers-{adapters[-1][0]}.jsonl").read_bytes())
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

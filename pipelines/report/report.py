@@ -108,6 +108,44 @@ def _eval_bars(ax, summary: dict):
     ax.legend()
 
 
+def _rounds_section(run: Path, manifest: dict, plots_dir: Path) -> tuple[list[str], list]:
+    """An iterative run: one row per round (its data, training and held-out numbers), base first; a plot of the
+    held-out numbers over rounds. Each round's own report is in its folder."""
+    path = run / "eval" / "summary.json"
+    summary = json.loads(path.read_text()) if path.exists() else {}
+    evals = {r["round"]: r for r in summary.get("rounds", [])}
+    if "base" in summary:
+        evals[0] = summary["base"]
+    fmt = lambda v: "—" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))  # noqa: E731
+    md = ["## Rounds", "", "| round | pairs | train steps | final loss | POPE acc | yes ratio | CHAIR_i | CHAIR_s |",
+          "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = [{"round": 0}] + manifest["rounds"]
+    for rec in rows:
+        r, ev = rec["round"], evals.get(rec["round"], {})
+        train = rec.get("train") or {}
+        md.append(f"| {'base' if r == 0 else r} | {fmt((rec.get('counts') or {}).get('pairs'))} | "
+                  f"{fmt(train.get('steps'))} | {fmt(train.get('final_loss'))} | "
+                  f"{fmt(ev.get('pope', {}).get('accuracy'))} | {fmt(ev.get('pope', {}).get('yes_ratio'))} | "
+                  f"{fmt(ev.get('chair', {}).get('chair_i'))} | {fmt(ev.get('chair', {}).get('chair_s'))} |")
+    md += [""] + [f"Round {rec['round']}: `{rec['output_dir']}` (report: {rec['output_dir']}/report.md)"
+                  for rec in manifest["rounds"]]
+    plots = []
+    if len(evals) > 1:
+        def draw(ax):
+            xs = sorted(evals)
+            for key, label in ((("pope", "accuracy"), "POPE accuracy"), (("chair", "chair_i"), "CHAIR_i"),
+                               (("chair", "chair_s"), "CHAIR_s")):
+                ax.plot(xs, [evals[x].get(key[0], {}).get(key[1]) for x in xs], marker="o", label=label)
+            ax.set_xticks(xs, ["base" if x == 0 else f"round {x}" for x in xs])
+            ax.set_ylim(0, 1)
+            ax.legend()
+        plots.append(("Held-out numbers per round (POPE higher is better, CHAIR lower)",
+                      _plot(plots_dir / "rounds.png", draw)))
+    else:
+        md += ["", "Not evaluated yet (no `eval/summary.json`)."]
+    return md, plots
+
+
 def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     run = Path(run_dir)
     if not (run / "manifest.json").exists():
@@ -115,6 +153,11 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     manifest = json.loads((run / "manifest.json").read_text())
     plots_dir = run / "report"
     plots_dir.mkdir(exist_ok=True)
+    if "rounds" in manifest:
+        md, plots = _rounds_section(run, manifest, plots_dir)
+        md = [f"# SynthAlign run report: `{run}`", "", f"{len(manifest['rounds'])} rounds, status "
+              f"**{manifest.get('status', '?')}**.", ""] + md
+        return _write(run, md, plots)
     md = [f"# SynthAlign run report: `{run}`", "", f"Data hash `{manifest.get('data_hash')}`, "
           f"status **{manifest.get('status', '?')}**.", "", "## Data", ""]
     counts = manifest.get("counts", {})
@@ -150,6 +193,10 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
                           _plot(plots_dir / "eval.png", lambda ax: _eval_bars(ax, summary))))
     else:
         md.append("Not evaluated yet (no `eval/summary.json`).")
+    return _write(run, md, plots)
+
+
+def _write(run: Path, md: list[str], plots: list) -> tuple[Path, Path]:
     md += ["", "## Plots", ""] + [f"### {t}\n\n![{t}](report/{p.name})\n" for t, p in plots]
     md_path = run / "report.md"
     md_path.write_text("\n".join(md) + "\n")

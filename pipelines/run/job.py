@@ -17,8 +17,21 @@ def train_run(cfg: RunConfig, data: str | None = None) -> dict:
     return run_train(cfg.train, data or cfg.train.data or str(Path(cfg.output_dir) / "pairs"), cfg.output_dir)
 
 
+def prepare_run(cfg: RunConfig, overwrite: bool = False):
+    """What `run_all` needs checked before Ray starts (every round's folder when `rounds` > 1)."""
+    if cfg.rounds > 1:
+        from pipelines.run.rounds import prepare_rounds
+        return prepare_rounds(cfg, overwrite)
+    from pipelines.generate.job import prepare
+    return prepare(cfg, overwrite=overwrite, train=True)
+
+
 def run_all(cfg: RunConfig, prepared, log=print, clock: dict | None = None) -> dict:
-    """The whole job on the connected Ray cluster; `prepared` comes from `prepare(cfg, ..., train=True)`."""
+    """The whole job on the connected Ray cluster; `prepared` comes from `prepare_run(cfg, ...)`. `clock`: the
+    CLI's startup figures for the generate manifest (first round only)."""
+    if cfg.rounds > 1:
+        from pipelines.run.rounds import run_rounds
+        return run_rounds(cfg, prepared, log)
     manifest = run_generate(cfg, prepared=prepared, clock=clock)
     c = manifest["counts"]
     log(f"pairs: {c['pairs']} of {c['questions']} image-questions -> {cfg.output_dir}/pairs")

@@ -44,6 +44,10 @@ class LoraConfig:
 class TrainConfig:
     model: str = ""                   # base VLM: hub id or local path
     data: str | None = None           # pairs Parquet folder; default {output_dir}/pairs
+    # Continue this PEFT adapter instead of a fresh LoRA (a later round of `rounds: N` sets it to the round
+    # before's). The DPO reference is then the model with that adapter as it starts ("previous") or the base.
+    init_adapter: str | None = None
+    reference: str = "previous"
     lora: LoraConfig = field(default_factory=LoraConfig)
     beta: float = 0.1
     loss_type: str = "sigmoid"
@@ -92,6 +96,8 @@ class TrainConfig:
         if self.global_batch_size is not None and (self.global_batch_size < 1 or self.global_batch_size % per_step):
             errs.append(Problem("train.global_batch_size", f"must be a multiple of per_device_batch_size x "
                                 f"workers.num_workers = {per_step}, got {self.global_batch_size}"))
+        if self.reference not in ("previous", "base"):
+            errs.append(Problem("train.reference", "must be 'previous' (the policy the round starts from) or 'base'"))
         if self.projector_lr is not None and self.projector_lr <= 0:
             errs.append(Problem("train.projector_lr", "must be > 0 or null"))
         errs += self.lora.validate("train.lora")

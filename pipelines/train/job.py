@@ -37,6 +37,10 @@ def check_recipe(cfg: TrainConfig) -> TrainConfig:
     """The recipe checked against the config rules and what TRL and transformers accept, with a local model
     made absolute (Ray Train workers run in their own working directory). Raises InputError."""
     raise_first(cfg.validate() + check_with_libraries(cfg))
+    if cfg.init_adapter:
+        if not (Path(cfg.init_adapter).expanduser() / "adapter_config.json").is_file():
+            raise InputError(f"no PEFT adapter at {cfg.init_adapter}", field="train.init_adapter")
+        cfg = dataclasses.replace(cfg, init_adapter=str(Path(cfg.init_adapter).expanduser().resolve()))
     if Path(cfg.model).expanduser().exists():
         return dataclasses.replace(cfg, model=str(Path(cfg.model).expanduser().resolve()))
     if looks_local(cfg.model):

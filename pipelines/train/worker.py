@@ -138,6 +138,12 @@ def _train(config: dict, memory: PeakAnonymousMemory) -> None:
         dtype = torch.bfloat16 if cfg.bf16 else torch.float32
         model = AutoModelForImageTextToText.from_pretrained(cfg.model, dtype=dtype)
         peft_config = lora_config(cfg)
+        init_checksum = None
+        if cfg.init_adapter:   # a later round continues the adapter of the round before
+            from peft import PeftModel
+            model, peft_config = PeftModel.from_pretrained(model, cfg.init_adapter, is_trainable=True), None
+            # what training starts from, for the record (0 under ZeRO-3, whose weights are partitioned on load)
+            init_checksum = sum(float(p.detach().double().sum()) for p in model.parameters() if p.requires_grad)
 
         ckpt = ray.train.get_checkpoint()
         with (ckpt.as_directory() if ckpt else contextlib.nullcontext()) as ckpt_root:
@@ -146,7 +152,13 @@ def _train(config: dict, memory: PeakAnonymousMemory) -> None:
             trainer = trainer_class(cfg)(model=model, args=args, train_dataset=train_ds, processing_class=processor,
                                  peft_config=peft_config,
                                  callbacks=_callbacks(paths, start_step, config.get("fail_at_step")))
+            if cfg.init_adapter and cfg.reference == "base":
+                # TRL keeps a frozen copy of a starting adapter ("ref") as the reference; without it the reference
+                # is the model with its adapters disabled: the base.
+                trainer.model.delete_adapter("ref")
             trainer.train(resume_from_checkpoint=resume_from)
+        if "ref" in getattr(trainer.model, "peft_config", {}):
+            trainer.model.delete_adapter("ref")   # the saved adapter is the policy's alone
 
         # Every rank takes part (ZeRO-3 gathers the adapter; the checksums are a collective); rank 0 writes.
         trainer.save_model(paths["adapter"])
@@ -162,7 +174,9 @@ def _train(config: dict, memory: PeakAnonymousMemory) -> None:
             losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
             Path(paths["summary"]).write_text(json.dumps({
                 "steps": trainer.state.global_step, "final_loss": losses[-1] if losses else None,
-                "resumed_from_step": start_step, "rows_used": len(train_ds), "rows_dropped": sum(dropped.values()),
+                "resumed_from_step": start_step, "init_adapter": cfg.init_adapter, "init_checksum": init_checksum,
+                "reference": cfg.reference if cfg.init_adapter else "base",
+                "rows_used": len(train_ds), "rows_dropped": sum(dropped.values()),
                 "rows_dropped_by_reason": dropped, "world_size": ctx.get_world_size(),
                 "deepspeed_stage": (ds_config or {}).get("zero_optimization", {}).get("stage"),
                 "trainable_tensors": len(trainable), "trainable_params": sum(

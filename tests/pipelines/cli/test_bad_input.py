@@ -70,6 +70,7 @@ CASES = {
     "zero count": (lambda t: ["generate", TINY, "--set", "pools.images.batch_size=0"], ["pools.images.batch_size", ">= 1"]),
     "empty guidance list": (lambda t: ["generate", TINY, "--set", "images.guidance_scales=[]"], ["images.guidance_scales"]),
     "bad --set": (lambda t: ["generate", TINY, "--set", "images.steps"], ["--set expects key=value"]),
+    "rounds outside run": (lambda t: ["generate", TINY, "--set", "rounds=2"], ["rounds", "synthalign run"]),
     "unknown pool stage": (lambda t: ["generate", TINY, "--set", "pools.diffusion.size=2"], ["pools.diffusion", "unknown stage"]),
     "model path missing": (lambda t: ["generate", TINY, "--set", "tiny_models=null",
                                       "--set", f"images.model={t}/missing-sd"], ["images.model", "model folder not found"]),

@@ -1,0 +1,47 @@
+"""`python -m pipelines.bench.shapes` on an iterative config: a row per round under the base, changes against it."""
+from __future__ import annotations
+
+from pipelines.bench.shapes import rounds_table, table, verdict
+
+
+def metrics(acc, yes, ci, cs, cov):
+    return {"pope": {"accuracy": acc, "yes_ratio": yes}, "chair": {"chair_i": ci, "chair_s": cs, "coverage": cov}}
+
+
+def test_rounds_table_and_verdict_on_the_last_round():
+    rounds = [{"round": r, **metrics(0.80 + 0.05 * r, 0.5, 0.2 - 0.05 * r, 0.3, 0.8), "pairs": 100 * r,
+               "train_steps": 10, "seconds": 60.0 * r} for r in (1, 2, 3)]
+    row = {"seed": 0, "base": metrics(0.8, 0.7, 0.2, 0.4, 0.75), "adapter": rounds[-1], "rounds": rounds,
+           "pairs": 600, "seconds": {"total": 600.0}}
+    text = rounds_table([row])
+    lines = text.splitlines()
+    assert len(lines) == 2 + 4 and lines[2].startswith("| 0 | base | 0.800 |")
+    assert lines[3] == "| 0 | round 1 | 0.850 | +5.0 | 0.50 | 0.150 | -25% | 0.30 | 0.80 | 100 | 1.0 |"
+    assert lines[5] == "| 0 | round 3 | 0.950 | +15.0 | 0.50 | 0.050 | -75% | 0.30 | 0.80 | 300 | 3.0 |"
+    v = verdict([row])
+    assert abs(v["pope_gain_points"][0] - 15) < 1e-9
+    assert all(v["checks"].values()) and "| 0 | 0.800 | 0.950 | +15.0 |" in table([row], v)
+
+
+def test_the_bench_runs_an_iterative_config_round_by_round(ray_local, tmp_path):
+    """The bench's path for `rounds` > 1 on a barely pretrained base (as test_shapes_world's) and a few prompts."""
+    import json
+    import time
+
+    from conftest import ROOT
+
+    from pipelines.bench.shapes import _run_rounds
+    from pipelines.config import load_config
+    from pipelines.models.pretrain import make_shapes_base
+    base = make_shapes_base(tmp_path / "models", spec={"vision_steps": 5, "steps": 40, "batch": 8}, log=lambda m: None)
+    sets = [f"output_dir={tmp_path / 'run'}", "tiny_models=null", f"train.model={base}", "rounds=2",
+            "samplers=[{model: %s, name: policy, n: 3, temperature: 1.0, max_new_tokens: 8, on_policy: true}]" % base,
+            "prompts.num_prompts=6", "prompts.instructions_per_prompt=2", "pairs.min_margin=0.0",
+            "train.max_steps=2", "train.per_device_batch_size=2", "eval.num_images=4", "eval.caption_tokens=8"]
+    cfg = load_config(ROOT / "configs" / "shapes-rounds.yaml", sets)
+    pretrain = json.loads((base / "pretrain.json").read_text())
+    row = _run_rounds(cfg, 0, pretrain, 1.0, time.time(), log=lambda m: None)
+    assert [r["round"] for r in row["rounds"]] == [1, 2] and row["train_steps"] == 4
+    assert row["pairs"] == sum(r["pairs"] for r in row["rounds"]) > 0
+    assert row["adapter"]["pope"] == row["rounds"][1]["pope"] and set(row["seconds"]) >= {"round 1", "round 2"}
+    assert len(rounds_table([row]).splitlines()) == 2 + 3
