@@ -5,6 +5,7 @@ moves a stage to another node group (a custom resource such as `sampling_node`) 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from actors.common.errors import Problem
@@ -84,9 +85,13 @@ class ClusterShape:
         return errs
 
 
-def _thread_env(threads: int) -> dict:
-    # Ray sets OMP_NUM_THREADS=1 in workers; set it explicitly so `threads` is the one knob.
-    return {"env_vars": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}}
+def _thread_env(threads: int, num_cpus: float) -> dict:
+    """A runtime_env only when `threads` differs from Ray's own OMP_NUM_THREADS (floor of num_cpus, at least 1):
+    an actor with a runtime_env cannot take one of Ray's prestarted workers and starts a fresh one through
+    setup_worker.py, a second Python start (about 1 CPU-s per actor, more under load; BENCHMARKS.md)."""
+    if threads == max(1, math.floor(num_cpus)):
+        return {}
+    return {"runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}}}
 
 
 # A batch whose actor died is retried on the restarted actor this many times (5: Ray Data's own default before
@@ -107,7 +112,7 @@ def map_batches_kwargs(pool: PoolConfig) -> dict:
     compute = (ray.data.ActorPoolStrategy(min_size=pool.size, max_size=pool.max_size) if pool.max_size
                else ray.data.ActorPoolStrategy(size=pool.size))
     kwargs = {"compute": compute, "batch_size": pool.batch_size, "num_cpus": pool.num_cpus,
-              "runtime_env": _thread_env(pool.threads), "max_restarts": -1, "max_task_retries": ACTOR_TASK_RETRIES}
+              **_thread_env(pool.threads, pool.num_cpus), "max_restarts": -1, "max_task_retries": ACTOR_TASK_RETRIES}
     if pool.num_gpus:
         kwargs["num_gpus"] = pool.num_gpus
     if pool.resources:

@@ -49,6 +49,17 @@ def compare_images(loop_dir: Path, pipe_dir: Path) -> dict:
             "image_max_level_diff": max(diff, default=0)}
 
 
+def import_cpu_seconds() -> float:
+    """CPU-s a fresh Python pays to import what the loop uses (torch, transformers, diffusers): a user's script
+    pays it on every run; the in-process loop below does not, its imports are done by then."""
+    import subprocess
+    import sys
+    with CpuMeter() as m:
+        subprocess.run([sys.executable, "-c", "import torch, transformers; from diffusers import DiffusionPipeline"],
+                       check=True, capture_output=True)
+    return round(m.seconds, 1)
+
+
 def bench_streaming(work: Path, tiny: Path, n_prompts: int = 2048, overrides=(), batch: int = 4,
                     loop_threads: int | None = 1) -> dict:
     """Pipeline vs the plain loop (loop.py, `batch` prompts per model call, `loop_threads` torch threads: its
@@ -67,6 +78,7 @@ def bench_streaming(work: Path, tiny: Path, n_prompts: int = 2048, overrides=(),
     with CpuMeter() as pipe_cpu:
         manifest = run_generate(cfg, prepared=(rows, vocab, Path(cfg.output_dir)))
     pipe_s = time.time() - t0
+    imports = import_cpu_seconds()
     return {"prompts": n_prompts, "loop_seconds": loop["seconds"], "loop_stage_seconds": loop["stage_seconds"],
             "loop_batch": batch, "loop_torch_threads": loop["torch_threads"],
             "pipeline_seconds": round(pipe_s, 2), "pipeline_timings": manifest["timings_s"],
@@ -74,6 +86,9 @@ def bench_streaming(work: Path, tiny: Path, n_prompts: int = 2048, overrides=(),
             "pipeline_prompts_per_s": round(n_prompts / pipe_s, 3),
             "ratio": round(loop["seconds"] / pipe_s, 3),
             "loop_cpu_seconds": round(loop_cpu.seconds, 1), "pipeline_cpu_seconds": round(pipe_cpu.seconds, 1),
+            "cpu_ratio": round(pipe_cpu.seconds / max(loop_cpu.seconds, 1e-9), 3),
+            "loop_import_cpu_seconds": imports, "meter_own_cpu_seconds": round(pipe_cpu.own, 1),
+            "cpu_ratio_with_loop_imports": round(pipe_cpu.seconds / max(loop_cpu.seconds + imports, 1e-9), 3),
             "pipeline_cpu_by_process": {k: round(v, 1) for k, v in sorted(pipe_cpu.by_name.items(),
                                                                            key=lambda kv: -kv[1]) if v >= 0.5},
             "questions": manifest["counts"]["questions"], "loop_questions": loop["questions"],

@@ -78,13 +78,15 @@ def record_startup(folder: Path, name: str, t0: float, loads: dict) -> None:
     record costs a figure, never the run."""
     try:
         import psutil
-        started = psutil.Process().create_time()
+        me = psutil.Process()
+        started, cpu = me.create_time(), sum(me.cpu_times()[:2])   # CPU-s of the process's start and loads
     except Exception:
-        started = None
+        started = cpu = None
     try:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{name}-{os.getpid()}.json").write_text(json.dumps(
-            {"actor": name, "process_start": started, "init_start": t0, "ready": time.time(), "loads": loads}))
+            {"actor": name, "process_start": started, "init_start": t0, "ready": time.time(), "loads": loads,
+             "cpu_at_ready": cpu}))
     except OSError:
         pass
 
@@ -109,7 +111,7 @@ def build_pipeline(cfg, prompts, vocab, stages=STAGES, swap: dict | None = None,
     for step in run_steps:
         kwargs = map_batches_kwargs(step.pool)
         if cfg.faults and cfg.faults.stage:  # test-only fault injection travels as an env var
-            kwargs["runtime_env"]["env_vars"][FAULTS_ENV] = json.dumps(
+            kwargs.setdefault("runtime_env", {}).setdefault("env_vars", {})[FAULTS_ENV] = json.dumps(
                 {**dataclasses.asdict(cfg.faults),
                  "marker_dir": cfg.faults.marker_dir or str(Path(cfg.output_dir, ".faults"))})
         ds = ds.map_batches(named_chain(step.name), fn_constructor_kwargs={"parts": step.parts,

@@ -77,7 +77,8 @@ def write_scored(ds, folder: Path, rows_per_shard: int) -> None:
 def startup_timings(folder: Path, stream_start: float, scored: Path, since: float) -> dict:
     """From the actors' records (chain.record_startup) and the shards: seconds from the stream's start until
     the last actor's constructor began (`actor_start`: scheduling and process start) and until the last was ready
-    (`actors_ready`); the slowest actor's own load (`model_load`) and each stage's; the first shard written,
+    (`actors_ready`); the slowest actor's own load (`model_load`) and each stage's; the CPU-s all actors used until
+    ready (`actors_start_cpu`: process start, imports, model loads); the first shard written,
     counted from `since` (`first_pair`)."""
     import json
     recs = []
@@ -96,6 +97,10 @@ def startup_timings(folder: Path, stream_start: float, scored: Path, since: floa
             for name, s in r["loads"].items():
                 by_stage[name] = max(by_stage.get(name, 0.0), s)
         out["model_load_by_stage"] = by_stage
+        # CPU-s the actors spent before their first batch (process start, imports, model loads), all actors
+        cpu = [r.get("cpu_at_ready") for r in recs]
+        if all(c is not None for c in cpu):
+            out["actors_start_cpu"] = round(sum(cpu), 1)
     written = [p.stat().st_mtime for p in shards(scored)]
     new = [t for t in written if t >= stream_start]
     if new:

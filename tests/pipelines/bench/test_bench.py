@@ -18,7 +18,7 @@ def results(tiny_models, ray_local, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     tiny = tiny_models["sd"].parent  # the session's tiny models (make_tiny reuses complete folders)
     return out, run_bench(out, only=("streaming", "cluster"), tiny=tiny, prompts=8,
-                          sim={"prompts": 24, "scale": 0.002, "gpus": 8})
+                          sim={"prompts": 24, "scale": 0.002, "gpus": 8}, loop_imports=False)
 
 
 def test_streaming_keys_and_values(results):
@@ -29,6 +29,10 @@ def test_streaming_keys_and_values(results):
         assert _number(s[key]) and s[key] > 0, key
     assert s["prompts"] == 8
     assert s["ratio"] == pytest.approx(s["loop_seconds"] / s["pipeline_seconds"], rel=0.01)
+    assert s["cpu_ratio"] == pytest.approx(s["pipeline_cpu_seconds"] / s["loop_cpu_seconds"], rel=0.05)
+    assert s["loop_import_cpu_seconds"] == 0 and s["meter_own_cpu_seconds"] >= 0
+    # the chain actors' start (process, imports, model loads) is part of the pipeline's CPU
+    assert 0 < s["pipeline_timings"]["actors_start_cpu"] < s["pipeline_cpu_seconds"]
     # The loop is another program (HF's own sampling, its own reward code), so its answers differ; the work is
     # the same: every question answered and paired, from the same candidate seeds, so where both kept the
     # same candidate the images agree up to float rounding.

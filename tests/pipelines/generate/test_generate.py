@@ -69,6 +69,7 @@ def test_manifest_times_startup_and_the_first_pair(run):
     assert set(loads) == {"ImageSynthesis", "ImageSelection", "QuestionExpander", "AnswerSampler:tiny-llava-a",
                           "AnswerSampler:tiny-llava-b", "RewardScorer", "PairBuilder"}
     assert loads["AnswerSampler:tiny-llava-a"] > 0 and max(loads.values()) <= t["model_load"]
+    assert t["actors_start_cpu"] > 0   # CPU-s of the actors until ready: at least their imports
     assert len(list((Path(cfg.output_dir) / ".startup").glob("*.json"))) == cfg.pool("images").size  # fused
 
 
