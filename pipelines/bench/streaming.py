@@ -61,9 +61,10 @@ def import_cpu_seconds() -> float:
 
 
 def bench_streaming(work: Path, tiny: Path, n_prompts: int = 2048, overrides=(), batch: int = 4,
-                    loop_threads: int | None = 1) -> dict:
+                    loop_threads: int | None = 1, loop_imports: bool = True) -> dict:
     """Pipeline vs the plain loop (loop.py, `batch` prompts per model call, `loop_threads` torch threads: its
-    best here) on the same prompt rows, back to back in this process (the loop first)."""
+    best here) on the same prompt rows, back to back in this process (the loop first). `loop_imports`: also
+    measure the imports a fresh loop process pays (a Python subprocess, several CPU-s)."""
     from pipelines.bench.loop import run_loop
     from pipelines.folder import RunFolder
     from pipelines.generate.job import prepare, run_generate
@@ -78,7 +79,7 @@ def bench_streaming(work: Path, tiny: Path, n_prompts: int = 2048, overrides=(),
     with CpuMeter() as pipe_cpu:
         manifest = run_generate(cfg, prepared=(rows, vocab, Path(cfg.output_dir)))
     pipe_s = time.time() - t0
-    imports = import_cpu_seconds()
+    imports = import_cpu_seconds() if loop_imports else 0.0
     return {"prompts": n_prompts, "loop_seconds": loop["seconds"], "loop_stage_seconds": loop["stage_seconds"],
             "loop_batch": batch, "loop_torch_threads": loop["torch_threads"],
             "pipeline_seconds": round(pipe_s, 2), "pipeline_timings": manifest["timings_s"],
