@@ -70,7 +70,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, dashboard: 
     api = f"http://127.0.0.1:{port}" if dashboard else "http://127.0.0.1:9"
     # Through the environment, not a job runtime_env: a local Ray's processes inherit the driver's, and so do its
     # workers (credentials included). With a runtime_env no worker could use the ones Ray prestarts, and each
-    # started through setup_worker.py, a second Python start (BENCHMARKS.md, "Startup").
+    # started through setup_worker.py, a second Python start (BENCHMARKS.md, "Where the pipeline's CPU goes").
     os.environ["RAY_API_SERVER_ADDRESS"] = api
     # address="local": a fresh cluster, never one that happens to run on this machine already.
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
