@@ -54,7 +54,9 @@ def run_bench(out: Path, only=BENCHMARKS, tiny: Path | None = None, prompts: int
 
 
 # Each target once: (benchmark, figure) -> (comparison, bound); the markdown table reads them from here.
-TARGETS = {("streaming", "ratio"): (">=", 1.5), ("streaming", "cpu_ratio"): ("<=", 1.15),
+# Issue 17: throughput over the plain loop, >= 1.4x at 512 prompts and >= 1.7x from 2,048 (2 cores: 2.0x ceiling).
+TARGETS = {("streaming", "ratio"): (">=", 1.4), ("streaming", "ratio_2048"): (">=", 1.7),
+           ("streaming", "cpu_ratio"): ("<=", 1.15),
            ("scale", "worker_anon_ratio"): ("<=", 1.25),
            ("scale", "worker_rss_ratio"): ("<=", 1.25),
            ("scale", "driver_rss_ratio"): ("<=", 1.25), ("scale", "finalize_rss_ratio"): ("<=", 1.25),
@@ -77,9 +79,10 @@ def markdown(r: dict) -> str:
     rows = []
     if "streaming" in r:
         s = r["streaming"]
+        key = "ratio_2048" if s["prompts"] >= 2048 else "ratio"
         rows += [("streaming", f"{s['prompts']} prompts: pipeline / loop throughput", f"{s['ratio']}× "
-                  f"({s['pipeline_seconds']} s vs {s['loop_seconds']} s)", _target("streaming", "ratio"),
-                  met("streaming", "ratio", s["ratio"]))]
+                  f"({s['pipeline_seconds']} s vs {s['loop_seconds']} s)", _target("streaming", key),
+                  met("streaming", key, s["ratio"]))]
         if "cpu_ratio" in s:
             rows += [("streaming", "CPU-s, all processes: pipeline / loop (with the loop's imports)",
                       f"{s['cpu_ratio']}× ({s['pipeline_cpu_seconds']} vs {s['loop_cpu_seconds']}"
