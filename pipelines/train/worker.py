@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from pipelines.train.data import build_trl_dataset
+from pipelines.train.data import build_trl_dataset, load_records
 from pipelines.train.dpo import PROJECTOR, dpo_args, lora_config, trainer_class
 
 METRIC_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
@@ -56,14 +56,12 @@ def _setup_distributed_state(use_deepspeed: bool, use_cuda: bool) -> dict:
 def _shared_dataset(files, cfg, processor, folder: Path, rank: int):
     """Rank 0 writes the TRL records to `folder` (the run's storage, which every node sees), the others wait;
     then every rank memory-maps it. No process holds the pairs in memory."""
-    import datasets
     import torch.distributed as dist
     if rank == 0:
         build_trl_dataset(files, folder, cfg.max_length, processor)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-    ds = datasets.load_from_disk(str(folder / "records"))
-    return ds, json.loads((folder / "dropped.json").read_text())
+    return load_records(folder), json.loads((folder / "dropped.json").read_text())
 
 
 def _callbacks(paths: dict, start_step: int, fail_at_step: int | None):
