@@ -90,7 +90,13 @@ def test_training_records_are_one_copy_built_batch_by_batch_and_memory_mapped(tm
     from datasets.table import MemoryMappedTable
 
     from pipelines.bench.scale import noise_png
-    from pipelines.train.data import BATCH_ROWS, build_trl_dataset, load_records, parquet_files, row_problem
+    from pipelines.train.data import (
+        BATCH_ROWS,
+        build_trl_dataset,
+        load_records,
+        parquet_files,
+        row_problem,
+    )
     data = make_pairs_parquet(tmp_path / "made", n=3 * BATCH_ROWS, files=1, bad_rows=2)
     table = pq.read_table(next(data.glob("*.parquet")))
     rng = np.random.default_rng(0)
