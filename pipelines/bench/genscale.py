@@ -49,14 +49,14 @@ def _sim_env(cfg, out: Path, prompt_s: float, image_bytes: int) -> str:
 
 
 def generation_child(tiny: str, out: str, prompts_file: str, address: str | None = None,
-                     prompt_s: float | None = None, image_bytes: int = 12288) -> dict:
+                     prompt_s: float | None = None, image_bytes: int = 12288, overrides=()) -> dict:
     from cluster.connect import connect
     from pipelines.bench.sim import SIM_ENV, SIM_STAGES
     from pipelines.bench.streaming import tiny_run_config
     from pipelines.folder import RunFolder
     from pipelines.generate.job import run_generate
     out_p = Path(out)
-    cfg = tiny_run_config(out_p / "run", Path(tiny), 0, ["prompts.source=file", f"prompts.file={prompts_file}"])
+    cfg = tiny_run_config(out_p / "run", Path(tiny), 0, ["prompts.source=file", f"prompts.file={prompts_file}", *overrides])
     RunFolder(cfg).clear()
     sim = prompt_s is not None
     if sim:   # set before Ray starts: its raylet and workers inherit it
@@ -85,11 +85,14 @@ def generation_child(tiny: str, out: str, prompts_file: str, address: str | None
             "questions": manifest["counts"]["questions"], "pairs": manifest["counts"]["pairs"],
             "seconds": round(seconds, 1), "stream_seconds": manifest["timings_s"]["stream"],
             "finalize_seconds": manifest["timings_s"]["finalize"], "peak_rss_mb": peak_rss_mb(),
-            "peak_rss_before_run_mb": before, "rss_trace_mb": samples[::step], "prompt_s": prompt_s}
+            "peak_rss_before_run_mb": before, "rss_trace_mb": samples[::step], "prompt_s": prompt_s,
+            "overrides": list(overrides)}
 
 
-def bench_generation(work: Path, tiny: Path, sizes=(2000, 20000), mode: str = "sim", prompt_s: float = 0.005) -> dict:
-    """Driver memory of generation at each size (its own subprocess); the run folders are removed once measured."""
+def bench_generation(work: Path, tiny: Path, sizes=(2000, 20000), mode: str = "sim", prompt_s: float = 0.005,
+                     overrides=()) -> dict:
+    """Driver memory of generation at each size (its own subprocess); the run folders are removed once measured.
+    `overrides`: config --set items (the sim's larger shards: tiny.yaml writes 8 rows a shard, a Ray task each)."""
     import ray
     address = ray.get_runtime_context().gcs_address if mode == "real" else None
     runs = []
@@ -99,9 +102,10 @@ def bench_generation(work: Path, tiny: Path, sizes=(2000, 20000), mode: str = "s
         prompts = write_prompts_file(run / "prompts.jsonl", n)
         runs.append(run_child("generation-child", {"tiny": str(tiny), "out": str(run), "prompts_file": str(prompts),
                                                     "address": address,
-                                                    "prompt_s": prompt_s if mode == "sim" else None},
+                                                    "prompt_s": prompt_s if mode == "sim" else None,
+                                                    "overrides": list(overrides)},
                               env={"RAY_ADDRESS": ""} if mode == "sim" else None))
         shutil.rmtree(run, ignore_errors=True)
     small, big = runs[0], runs[-1]
-    return {"mode": mode, "runs": runs, "prompts_ratio": round(big["questions"] / max(1, small["questions"]), 2),
+    return {"mode": mode, "overrides": list(overrides), "runs": runs, "prompts_ratio": round(big["questions"] / max(1, small["questions"]), 2),
             "rss_ratio": round(big["peak_rss_mb"] / small["peak_rss_mb"], 3), "load_avg_after": load_avg()}
