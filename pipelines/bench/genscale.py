@@ -65,8 +65,8 @@ def generation_child(tiny: str, out: str, prompts_file: str, address: str | None
     samples, stop = [], threading.Event()
 
     def sample():
-        while not stop.wait(1.0):
-            samples.append(_rss_mb())
+        while not stop.wait(0.5):
+            samples.append((time.time(), _rss_mb()))
     try:
         connect(address if not sim else None, num_cpus=2 if sim else None, dashboard=False)
         before = peak_rss_mb()
@@ -81,11 +81,16 @@ def generation_child(tiny: str, out: str, prompts_file: str, address: str | None
             ray.shutdown()
             shutil.rmtree(os.environ["RAY_TMPDIR"], ignore_errors=True)
     step = max(1, len(samples) // 12)
+    t = manifest["timings_s"]   # the run's phases, from its own clock: prepare, then the stream, then finalize
+    ends = {"prepare": t0 + t["prepare"], "stream": t0 + t["prepare"] + t["stream"], "finalize": float("inf")}
+    phase = {k: max([r for s, r in samples if s <= ends[k] and (k == "prepare" or s > prev)], default=None)
+             for prev, k in zip([0.0, ends["prepare"], ends["stream"]], ends)}
     return {"mode": "sim" if sim else "real", "prompts": manifest["counts"].get("prompts"),
             "questions": manifest["counts"]["questions"], "pairs": manifest["counts"]["pairs"],
             "seconds": round(seconds, 1), "stream_seconds": manifest["timings_s"]["stream"],
             "finalize_seconds": manifest["timings_s"]["finalize"], "peak_rss_mb": peak_rss_mb(),
-            "peak_rss_before_run_mb": before, "rss_trace_mb": samples[::step], "prompt_s": prompt_s,
+            "peak_rss_before_run_mb": before, "rss_trace_mb": [r for _, r in samples[::step]],
+            "max_rss_by_phase_mb": phase, "prompt_s": prompt_s,
             "overrides": list(overrides)}
 
 
