@@ -1,11 +1,14 @@
 """Scale: does memory or finalize cost grow with the dataset?
 
-Training: worker and driver peak RSS at two dataset sizes. Workers report two figures: peak RSS (ru_maxrss, which
+Training: worker and driver peak RSS at two dataset sizes. Workers report two figures: peak RSS (VmHWM, which
 also counts the pages of the memory-mapped records they have read: page cache the kernel reclaims at will) and
 peak anonymous RSS (the memory the process really holds).
 
 Views: `finalize` over a scored/ log of noise pairs (a full fold, in a process of its own: its peak RSS), then
 one more shard on top (a resume's fold) against the same shard folded alone.
+
+Generation (genscale.py): the driver's peak RSS of `run_generate` at two prompt counts, with the tiny models
+and/or the cluster simulation's stand-in stages.
 
 Pairs are incompressible noise PNGs at a real image size (zlib stored blocks: noise does not compress, and
 encoding 16K of them takes a minute instead of an hour), written a file at a time.

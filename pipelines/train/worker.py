@@ -204,7 +204,7 @@ def _peak_rss_mb() -> float:
 
 
 class PeakAnonymousMemory:
-    """Peak anonymous RSS (MB) of this process while active, sampled: ru_maxrss also counts the pages of the
+    """Peak anonymous RSS (MB) of this process while active, sampled: VmHWM also counts the pages of the
     memory-mapped records a worker has read, which the kernel reclaims at will."""
 
     def __init__(self, every: float = 0.2):
