@@ -12,6 +12,9 @@ if __name__ == "__main__":
     elif kind == "finalize-child":
         from pipelines.bench.scale import finalize_child
         result = finalize_child(**arg)
+    elif kind == "generation-child":
+        from pipelines.bench.genscale import generation_child
+        result = generation_child(**arg)
     elif kind == "train-child":
         from pipelines.bench.scale import train_child
         result = train_child(**arg)

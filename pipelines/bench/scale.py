@@ -1,11 +1,14 @@
 """Scale: does memory or finalize cost grow with the dataset?
 
-Training: worker and driver peak RSS at two dataset sizes. Workers report two figures: peak RSS (ru_maxrss, which
+Training: worker and driver peak RSS at two dataset sizes. Workers report two figures: peak RSS (VmHWM, which
 also counts the pages of the memory-mapped records they have read: page cache the kernel reclaims at will) and
 peak anonymous RSS (the memory the process really holds).
 
 Views: `finalize` over a scored/ log of noise pairs (a full fold, in a process of its own: its peak RSS), then
 one more shard on top (a resume's fold) against the same shard folded alone.
+
+Generation (genscale.py): the driver's peak RSS of `run_generate` at two prompt counts, with the tiny models
+and/or the cluster simulation's stand-in stages.
 
 Pairs are incompressible noise PNGs at a real image size (zlib stored blocks: noise does not compress, and
 encoding 16K of them takes a minute instead of an hour), written a file at a time.
@@ -93,8 +96,12 @@ def finalize_child(out: str, rows_per_file: int) -> dict:
             "peak_rss_mb": peak_rss_mb()}
 
 
+def _bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
 def _mb(folder: Path) -> int:
-    return round(sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20)
+    return round(_bytes(folder) / 2**20)
 
 
 def train_child(address: str, model: str, data: str, out: str, steps: int) -> dict:
@@ -114,49 +121,84 @@ def train_child(address: str, model: str, data: str, out: str, steps: int) -> di
 
 
 def bench_scale(work: Path, tiny: Path, sizes=(1000, 16000), px: int = 512, steps: int = 4,
-                fold_pairs: int | None = None, rows_per_shard: int = 64, rows_per_file: int = 1000) -> dict:
+                fold_pairs: int | None = None, rows_per_shard: int = 64, rows_per_file: int = 1000,
+                gen: dict | None = None) -> dict:
     """Per size: a scored/ log, its full fold (finalize) and DPO on the pairs it gives; then the views figures
-    at `fold_pairs` (default: the larger size). Every folder is removed once measured (16K pairs at 512 px
-    are ~13 GB per copy)."""
+    at `fold_pairs` (default: the larger size, on its folder once trained); then the generation points of `gen`
+    (genscale.py: {"sim": sizes, "real": sizes, "prompt_s": s, "sim_overrides": [...]}). Every folder is removed
+    once measured (16K pairs at 512 px are ~12 GB per copy); figures so far are kept in work/scale-partial.json."""
+    import json
+
     import ray
 
     from pipelines.models.tiny import make_tiny
     model = make_tiny(tiny, names=["llava"])["llava"]
     address = ray.get_runtime_context().gcs_address
-    runs = []
+    out: dict = {"px": px, "steps": steps, "runs": []}
+
+    def keep():
+        (work / "scale-partial.json").write_text(json.dumps(out, indent=1))
+    views = None
     for n in sizes:
         run = work / f"scale-{n}-{px}"
         shutil.rmtree(run, ignore_errors=True)
+        t0 = time.time()
         write_noise_scored(run / "scored", n, px, rows_per_shard)
+        made = round(time.time() - t0, 1)
         fold = run_child("finalize-child", {"out": str(run), "rows_per_file": rows_per_file})
         train = run_child("train-child", {"address": address, "model": str(model), "data": str(run / "pairs"),
                                           "out": str(run / "train"), "steps": steps})
-        runs.append({"pairs": n, "parquet_mb": _mb(run / "pairs"), "scored_mb": _mb(run / "scored"),
-                     "train_folder_mb": _mb(run / "train"), "finalize": fold, **train})
+        out["runs"].append({"pairs": n, "parquet_mb": _mb(run / "pairs"), "scored_mb": _mb(run / "scored"),
+                            "train_folder_mb": _mb(run / "train"),
+                            # the training data folder (train/train/data: the records) against the pairs it holds
+                            "train_data_mb": _mb(run / "train" / "train" / "data"),
+                            "train_data_ratio": round(_bytes(run / "train" / "train" / "data")
+                                                      / max(1, _bytes(run / "pairs")), 3),
+                            "write_seconds": made, "finalize": fold, **train})
+        keep()
+        if n == sizes[-1] and fold_pairs in (None, n):   # the views figures on this folder: no second 12 GB log
+            shutil.rmtree(run / "train", ignore_errors=True)
+            views = bench_views(work, n, px, rows_per_shard, rows_per_file, run=run, full=fold, made=made)
         shutil.rmtree(run, ignore_errors=True)
-    views = bench_views(work, fold_pairs or sizes[-1], px, rows_per_shard, rows_per_file)
-    small, big = runs[0], runs[-1]
-    return {"px": px, "steps": steps, "runs": runs, "views": views,
-            "pairs_ratio": round(big["pairs"] / small["pairs"], 2),
-            "worker_rss_ratio": round(max(big["worker_peak_rss_mb"]) / max(small["worker_peak_rss_mb"]), 3),
-            "worker_anon_ratio": round(max(big["worker_peak_anon_mb"]) / max(small["worker_peak_anon_mb"]), 3),
-            "driver_rss_ratio": round(big["driver_peak_rss_mb"] / small["driver_peak_rss_mb"], 3),
-            "finalize_pairs_ratio": round(views["pairs"] / small["pairs"], 2),
-            "finalize_rss_ratio": round(views["full"]["peak_rss_mb"] / small["finalize"]["peak_rss_mb"], 3),
-            "resume_ratio": views["resume_ratio"], "load_avg_after": load_avg()}
+    views = views or bench_views(work, fold_pairs, px, rows_per_shard, rows_per_file)
+    small, big = out["runs"][0], out["runs"][-1]
+    out.update({"views": views, "pairs_ratio": round(big["pairs"] / small["pairs"], 2),
+                "worker_rss_ratio": round(max(big["worker_peak_rss_mb"]) / max(small["worker_peak_rss_mb"]), 3),
+                "worker_anon_ratio": round(max(big["worker_peak_anon_mb"]) / max(small["worker_peak_anon_mb"]), 3),
+                "driver_rss_ratio": round(big["driver_peak_rss_mb"] / small["driver_peak_rss_mb"], 3),
+                "train_data_ratio": big["train_data_ratio"],
+                "finalize_pairs_ratio": round(views["pairs"] / small["pairs"], 2),
+                "finalize_rss_ratio": round(views["full"]["peak_rss_mb"] / small["finalize"]["peak_rss_mb"], 3),
+                "resume_ratio": views["resume_ratio"]})
+    keep()
+    from pipelines.bench.genscale import bench_generation
+    for mode in ("sim", "real"):     # the sim first: the real tiny models take the longest
+        if (gen or {}).get(mode):
+            out[f"generation_{mode}"] = bench_generation(
+                work, tiny, gen[mode], mode, gen.get("prompt_s", 0.005),
+                gen.get("sim_overrides", ()) if mode == "sim" else ())
+            out[f"gen_{mode}_rss_ratio"] = out[f"generation_{mode}"]["rss_ratio"]
+            keep()
+    out["load_avg_after"] = load_avg()
+    return out
 
 
-def bench_views(work: Path, n: int, px: int, rows_per_shard: int, rows_per_file: int, repeats: int = 3) -> dict:
-    """Fold `n` pairs from scratch, then `repeats` times one more shard on top (a resume) and that shard alone in
-    a folder of its own: a resume should cost about what its shard costs, not what the folder holds."""
-    run, alone = work / f"views-{n}-{px}", work / f"views-alone-{px}"
-    for d in (run, alone):
-        shutil.rmtree(d, ignore_errors=True)
-    t0 = time.time()
-    write_noise_scored(run / "scored", n, px, rows_per_shard)
-    made = round(time.time() - t0, 1)
-    args = {"out": str(run), "rows_per_file": rows_per_file}
-    full = run_child("finalize-child", args)
+def bench_views(work: Path, n: int, px: int, rows_per_shard: int, rows_per_file: int, repeats: int = 3,
+                run: Path | None = None, full: dict | None = None, made: float | None = None) -> dict:
+    """Fold `n` pairs from scratch (or take `run`, already folded: `full`), then `repeats` times one more shard on
+    top (a resume) and that shard alone in a folder of its own: a resume should cost about what its shard costs,
+    not what the folder holds."""
+    alone = work / f"views-alone-{px}"
+    args = {"rows_per_file": rows_per_file}
+    if run is None:
+        run = work / f"views-{n}-{px}"
+        for d in (run, alone):
+            shutil.rmtree(d, ignore_errors=True)
+        t0 = time.time()
+        write_noise_scored(run / "scored", n, px, rows_per_shard)
+        made = round(time.time() - t0, 1)
+        full = run_child("finalize-child", {**args, "out": str(run)})
+    args["out"] = str(run)
     resumes, alones = [], []
     for i in range(repeats):
         before = set((run / "scored").iterdir())

@@ -14,6 +14,7 @@ import shutil
 import time
 from pathlib import Path
 
+from actors.rewards import RewardScorer
 from pipelines.bench.child import REPO, run_child
 
 SIM_ENV = "SYNTHALIGN_SIM"
@@ -86,15 +87,15 @@ class SimSampler(_SimStage):
 class SimRewards(_SimStage):
     KEY = "rewards"
     REQUIRES = ("image", "question", "answers", "gt_objects")
-    ADDS = ("reward_text", "reward_clip", "hallucinated", "reward_hallucination", "reward")
+    ADDS = RewardScorer.ADDS   # every column the real stage adds: the views read them all
 
     def fill(self, batch):
         answers = batch.column("answers").to_pylist()
         score = [[float(len(a) % 7 + j) for j, a in enumerate(row)] for row in answers]
         zero = [[0.0] * len(row) for row in answers]
-        return _add(batch, _stage="rewards", reward_text=score, reward_clip=zero, reward=score,
-                    hallucinated=[[[] for _ in row] for row in answers], reward_hallucination=zero), \
-            sum(map(len, answers))
+        terms = {c: zero for c in self.ADDS if c.startswith("reward_")}
+        return _add(batch, _stage="rewards", **{**terms, "reward_text": score, "reward": score},
+                    hallucinated=[[[] for _ in row] for row in answers]), sum(map(len, answers))
 
 
 SIM_STAGES = {"images": SimImages, "selection": SimSelection, "sampling": SimSampler, "rewards": SimRewards}

@@ -60,7 +60,8 @@ TARGETS = {("streaming", "ratio"): (">=", 1.4), ("streaming", "ratio_2048"): (">
            ("scale", "worker_anon_ratio"): ("<=", 1.25),
            ("scale", "worker_rss_ratio"): ("<=", 1.25),
            ("scale", "driver_rss_ratio"): ("<=", 1.25), ("scale", "finalize_rss_ratio"): ("<=", 1.25),
-           ("scale", "resume_ratio"): ("<=", 2.0), ("scaling", "wall_ratio"): ("<=", 4.7),
+           ("scale", "resume_ratio"): ("<=", 2.0), ("scale", "gen_sim_rss_ratio"): ("<=", 1.1),
+           ("scale", "gen_real_rss_ratio"): ("<=", 1.1), ("scaling", "wall_ratio"): ("<=", 4.7),
            ("scaling", "rss_ratio"): ("<=", 1.1), ("training", "ratio"): ("<=", 1.1),
            ("cluster", "min_busy"): (">=", 0.9)}
 
@@ -115,7 +116,18 @@ def markdown(r: dict) -> str:
                   met("scale", "finalize_rss_ratio", s["finalize_rss_ratio"])),
                  ("scale", f"finalize of one {v['shard_rows']}-row shard on top of {v['pairs']} pairs / alone "
                   "(CPU s, median)", f"{v['resume_ratio']}× ({v['resume_cpu_s']} s vs {v['alone_cpu_s']} s)",
-                  _target("scale", "resume_ratio"), met("scale", "resume_ratio", v["resume_ratio"]))]
+                  _target("scale", "resume_ratio"), met("scale", "resume_ratio", v["resume_ratio"])),
+                 ("scale", f"training data folder / pairs Parquet, {s['runs'][-1]['pairs']} pairs",
+                  f"{s['train_data_ratio']}× ({s['runs'][-1]['train_data_mb']} MB / {s['runs'][-1]['parquet_mb']} MB)",
+                  "", None)]
+        for mode in ("sim", "real"):
+            g = s.get(f"generation_{mode}")
+            if g:
+                what = "stand-in stages (sim.py)" if mode == "sim" else "tiny models"
+                rows += [("scale", f"generation driver peak RSS (VmHWM), {g['prompts_ratio']}× the prompts "
+                          f"({g['runs'][0]['prompts']} → {g['runs'][-1]['prompts']}), {what}",
+                          f"{g['rss_ratio']}× ({g['runs'][0]['peak_rss_mb']} → {g['runs'][-1]['peak_rss_mb']} MB)",
+                          _target("scale", f"gen_{mode}_rss_ratio"), met("scale", f"gen_{mode}_rss_ratio", g["rss_ratio"]))]
     for shape, s in r.get("cluster", {}).items():
         if shape == "bench_seconds":
             continue

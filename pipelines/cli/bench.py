@@ -34,7 +34,10 @@ def cmd_bench(args) -> int:
     results = run_bench(args.out, only, tiny=args.tiny, prompts=args.prompts, sizes=_ints(args.scaling_sizes),
                         train_steps=args.train_steps, sim=sim,
                         scale={"sizes": _ints(args.scale_sizes), "px": args.scale_px,
-                               "fold_pairs": args.scale_fold_pairs})
+                               "fold_pairs": args.scale_fold_pairs,
+                               "gen": {"sim": _ints(args.scale_gen_sim), "real": _ints(args.scale_gen_real),
+                                       "prompt_s": args.scale_gen_prompt_s,
+                                       "sim_overrides": [f"rows_per_shard={args.scale_gen_sim_shard_rows}"]}})
     print(json.dumps(results, indent=2))
     print(f"-> {args.out}/results.json, {args.out}/results.md")
     return 0
@@ -60,6 +63,13 @@ def add_bench_command(sub) -> None:
     p.add_argument("--scale-fold-pairs", type=int, help="scale: pairs under the resume's one new shard "
                    "(default: the larger of --scale-sizes)")
     p.add_argument("--scale-px", type=int, default=512, help="scale: image side of the synthetic pairs")
+    p.add_argument("--scale-gen-sim", default="2000,20000", help="scale: prompts per generation run with the "
+                   "cluster simulation's stand-in stages (driver memory; empty: none)")
+    p.add_argument("--scale-gen-real", default="", help="scale: prompts per generation run of configs/tiny.yaml "
+                   "with its tiny models (20K: ~35 min of 2 cores; empty: none)")
+    p.add_argument("--scale-gen-prompt-s", type=float, default=0.005, help="scale: stand-in seconds a prompt")
+    p.add_argument("--scale-gen-sim-shard-rows", type=int, default=256,
+                   help="scale: rows_per_shard of the stand-in runs (tiny.yaml's 8 would make 5,000 write tasks)")
     p.add_argument("--tiny", help="tiny models folder (default OUT/tiny)")
     p.add_argument("--address", help="Ray address to attach to (default: RAY_ADDRESS, else a local Ray)")
     p.set_defaults(fn=cmd_bench)

@@ -108,10 +108,11 @@ def startup_timings(folder: Path, stream_start: float, scored: Path, since: floa
     return out
 
 
-def run_generate(cfg: RunConfig, overwrite: bool = False, prepared=None, clock: dict | None = None) -> dict:
+def run_generate(cfg: RunConfig, overwrite: bool = False, prepared=None, clock: dict | None = None,
+                 swap: dict | None = None) -> dict:
     """Run (or resume) the generation job on the connected Ray cluster; returns the manifest. `clock`, from the
     CLI: {"command_start": epoch seconds, "launch": seconds before connecting Ray, "ray_start": seconds connecting};
-    figures count from the command's start when given."""
+    figures count from the command's start when given. `swap`: stage stand-ins by pool key (the benchmarks')."""
     t0 = time.time()
     since = (clock or {}).get("command_start", t0)
     rows, vocab, out = prepared or prepare(cfg, overwrite)
@@ -126,7 +127,7 @@ def run_generate(cfg: RunConfig, overwrite: bool = False, prepared=None, clock: 
     shutil.rmtree(startup, ignore_errors=True)   # this invocation's actors only
     t_prep = time.time()
     if todo:
-        write_scored(build_pipeline(cfg, prompt_table(todo), vocab, startup_dir=str(startup)), scored,
+        write_scored(build_pipeline(cfg, prompt_table(todo), vocab, swap=swap, startup_dir=str(startup)), scored,
                      cfg.rows_per_shard)
     t_stream = time.time()
     counts = finalize(out, cfg.min_rows_per_file)

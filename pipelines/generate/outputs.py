@@ -68,22 +68,30 @@ def clean_partial(scored: Path) -> int:
     return len(leftovers)
 
 
-def _good_rows(scored: Path):
-    """(prompt_id, pair_key) of every row in scored/ that did not fail (failed rows are retried)."""
-    for f in shards(scored):
-        t = read_shard(f, ["prompt_id", "pair_key", "error"])
-        errors = t.column("error").to_pylist() if "error" in t.column_names else [None] * t.num_rows
-        for pid, key, err in zip(t.column("prompt_id").to_pylist(), t.column("pair_key").to_pylist(), errors):
-            if err is None:
-                yield pid, key
-
-
 def done_prompts(scored: Path, expected_rows: dict[str, int]) -> set[str]:
-    """Prompts whose every image-question is already in `scored/` without an error."""
-    seen: dict[str, set] = {}
-    for pid, key in _good_rows(scored):
-        seen.setdefault(pid, set()).add(key)
-    return {pid for pid, keys in seen.items() if len(keys) >= expected_rows.get(pid, 1 << 30)}
+    """Prompts whose every image-question is already in `scored/` without an error. The shards the views have
+    folded are known by the key index (`.views/keys-*.parquet`: the first good row of each key); the others are
+    read for three columns. Pairs are counted in Arrow (tens of bytes a row), never as Python sets."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from pipelines.generate.views import folded_key_files
+    folded, key_files = folded_key_files(scored.parent, {f.name for f in shards(scored)})
+    parts = [read_shard(f, ["prompt_id", "pair_key"]) for f in key_files]
+    for f in shards(scored):
+        if f.name not in folded:
+            t = read_shard(f, ["prompt_id", "pair_key", "error"])
+            if "error" in t.column_names:
+                t = t.filter(pc.is_null(t.column("error")))
+            parts.append(t.select(["prompt_id", "pair_key"]))
+    if not parts:
+        return set()
+    pairs = pa.concat_tables([t.cast(pa.schema([("prompt_id", pa.string()), ("pair_key", pa.string())]))
+                              for t in parts])
+    per_prompt = pairs.group_by("prompt_id").aggregate([("pair_key", "count_distinct")])
+    return {pid for pid, n in zip(per_prompt.column("prompt_id").to_pylist(),
+                                  per_prompt.column("pair_key_count_distinct").to_pylist())
+            if n >= expected_rows.get(pid, 1 << 30)}
 
 
 # Per candidate, every list the rewards stage adds (each term, `hallucinated`, the combined `reward`): taken

@@ -97,6 +97,15 @@ def _usable(out: Path, state: dict | None, shard_names: set[str]) -> bool:
             and all((out / STATE_DIR / k).exists() for k in state["key_files"]))
 
 
+def folded_key_files(out: Path, shard_names: set[str]) -> tuple[set[str], list[Path]]:
+    """The shards the views have folded and the key index files of their good rows (read-only: a resume's
+    `done_prompts` reads these instead of those shards); nothing when the state is missing or unusable."""
+    state = _load_state(Path(out))
+    if not _usable(Path(out), state, shard_names):
+        return set(), []
+    return set(state["folded"]), [Path(out) / STATE_DIR / k for k in state["key_files"]]
+
+
 def _read_keys(out: Path, state: dict):
     """The folded good keys (a set) and their prompt ids (a set), from the key index files."""
     import pyarrow.parquet as pq

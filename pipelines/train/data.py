@@ -107,45 +107,67 @@ def token_length(row: dict, processor) -> int:
 
 
 BATCH_ROWS = 64   # rows in memory at a time while the records are built
+RECORDS, ORDER = "records.arrow", "order.arrow"   # the one copy of the pairs, and its pair_id order
+
+
+def _convert(batch: dict, max_length: int | None, processor, dropped: dict) -> tuple[dict, list[str]]:
+    """One Parquet batch -> the TRL records of its usable rows (images stay PNG bytes) and their pair_ids;
+    the others are counted in `dropped` by reason."""
+    out, ids = {"images": [], "prompt": [], "chosen": [], "rejected": []}, []
+    for i in range(len(batch["pair_id"])):
+        row = {k: batch[k][i] for k in TRAIN_COLUMNS}
+        problem = row_problem(row)
+        if problem is None and max_length is not None and token_length(row, processor) > max_length:
+            problem = "longer than max_length"
+        if problem is not None:
+            dropped[problem] = dropped.get(problem, 0) + 1
+            continue
+        msgs = trl_messages(row["question"], row["chosen"], row["rejected"])
+        out["images"].append([{"bytes": row["image"], "path": None}])
+        for k in ("prompt", "chosen", "rejected"):
+            out[k].append(msgs[k])
+        ids.append(row["pair_id"])
+    return out, ids
 
 
 def build_trl_dataset(files: list[str], folder: Path, max_length: int | None = None, processor=None) -> dict:
-    """The pairs as TRL records in an Arrow dataset under folder/records, built batch by batch from the Parquet
-    files (memory-mapped Arrow caches on disk, never a copy in memory); images stay PNG bytes that `datasets`
-    decodes when a batch is drawn. Rows are sorted by pair_id (a seed then fixes the order, and resume can skip
-    what was seen); rows `row_problem` rejects, or longer than max_length tokens, are dropped and counted in
-    folder/dropped.json. Returns the drop counts."""
+    """The pairs as TRL records in ONE Arrow file, folder/records/records.arrow, written in a single pass over
+    the Parquet files BATCH_ROWS rows at a time (unusable rows, or rows longer than max_length tokens, are
+    dropped while writing and counted in folder/dropped.json), plus folder/records/order.arrow: the rows'
+    positions sorted by pair_id (a seed then fixes the order, and resume can skip what was seen). Sorting
+    moves only the ids, never the images; no other copy of the pairs is written. Returns the drop counts."""
     import json
-    from collections import Counter
 
-    import datasets
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    from datasets import Features, Value
+    from datasets.arrow_writer import ArrowWriter
 
     from actors.common.files import atomic_dir
     folder.mkdir(parents=True, exist_ok=True)
-    cache = str(folder / "cache")
-    src = datasets.Dataset.from_parquet(files, columns=list(TRAIN_COLUMNS), cache_dir=cache).sort("pair_id")
-
-    def convert(batch):
-        out = {"images": [], "prompt": [], "chosen": [], "rejected": [], "problem": []}
-        for i in range(len(batch["pair_id"])):
-            row = {k: batch[k][i] for k in TRAIN_COLUMNS}
-            problem = row_problem(row)
-            if problem is None and max_length is not None and token_length(row, processor) > max_length:
-                problem = "longer than max_length"
-            msgs = trl_messages(row["question"] or "", row["chosen"] or "", row["rejected"] or "")
-            out["images"].append([{"bytes": row["image"] or b"", "path": None}])
-            for k in ("prompt", "chosen", "rejected"):
-                out[k].append(msgs[k])
-            out["problem"].append(problem)
-        return out
-    records = src.map(convert, batched=True, batch_size=BATCH_ROWS, writer_batch_size=BATCH_ROWS,
-                      remove_columns=src.column_names, features=trl_features({"problem": datasets.Value("string")}),
-                      cache_file_name=str(folder / "cache" / "records.arrow"), load_from_cache_file=False)
-    dropped = dict(Counter(p for p in records["problem"] if p is not None))
-    kept = records.filter(lambda p: p is None, input_columns="problem", batch_size=BATCH_ROWS,
-                          writer_batch_size=BATCH_ROWS, cache_file_name=str(folder / "cache" / "kept.arrow"),
-                          load_from_cache_file=False).remove_columns("problem")
+    dropped: dict[str, int] = {}
+    ids = []   # pair_ids of the written rows, as Arrow chunks (tens of bytes a row)
     with atomic_dir(folder / "records") as tmp:
-        kept.save_to_disk(str(tmp), max_shard_size="256MB")
-    (folder / "dropped.json").write_text(json.dumps(dropped))
+        writer = ArrowWriter(features=trl_features(), path=str(tmp / RECORDS), writer_batch_size=BATCH_ROWS)
+        for f in files:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=BATCH_ROWS, columns=list(TRAIN_COLUMNS)):
+                out, kept = _convert(batch.to_pydict(), max_length, processor, dropped)
+                if kept:
+                    writer.write_batch(out)
+                    ids.append(pa.array(kept, pa.string()))
+        writer.finalize()
+        # datasets' own indices-mapping file (a uint64 "indices" column): Dataset.from_file maps it.
+        order = pc.sort_indices(pa.chunked_array(ids, pa.string())).cast(pa.uint64())
+        with ArrowWriter(features=Features({"indices": Value("uint64")}), path=str(tmp / ORDER)) as w:
+            w.write_table(pa.table({"indices": order}))
+            w.finalize()
+    (folder / "dropped.json").write_text(json.dumps(dict(sorted(dropped.items()))))
     return dropped
+
+
+def load_records(folder: Path):
+    """The records build_trl_dataset wrote, memory-mapped (data and order), in pair_id order."""
+    import datasets
+    return datasets.Dataset.from_file(str(folder / "records" / RECORDS),
+                                      indices_filename=str(folder / "records" / ORDER))

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from pipelines.train.data import build_trl_dataset
+from pipelines.train.data import build_trl_dataset, load_records
 from pipelines.train.dpo import PROJECTOR, dpo_args, lora_config, trainer_class
 
 METRIC_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
@@ -56,14 +56,12 @@ def _setup_distributed_state(use_deepspeed: bool, use_cuda: bool) -> dict:
 def _shared_dataset(files, cfg, processor, folder: Path, rank: int):
     """Rank 0 writes the TRL records to `folder` (the run's storage, which every node sees), the others wait;
     then every rank memory-maps it. No process holds the pairs in memory."""
-    import datasets
     import torch.distributed as dist
     if rank == 0:
         build_trl_dataset(files, folder, cfg.max_length, processor)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-    ds = datasets.load_from_disk(str(folder / "records"))
-    return ds, json.loads((folder / "dropped.json").read_text())
+    return load_records(folder), json.loads((folder / "dropped.json").read_text())
 
 
 def _callbacks(paths: dict, start_step: int, fail_at_step: int | None):
@@ -163,7 +161,7 @@ def _train(config: dict, memory: PeakAnonymousMemory) -> None:
         # Every rank takes part (ZeRO-3 gathers the adapter; the checksums are a collective); rank 0 writes.
         trainer.save_model(paths["adapter"])
         checksums = _replica_checksums(trainer, ds_config)
-        peak_rss = _gather(round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+        peak_rss = _gather(_peak_rss_mb())
         memory.sample()
         peak_anon = _gather(round(memory.peak, 1))
         if trainer.is_world_process_zero():
@@ -194,8 +192,19 @@ def _train(config: dict, memory: PeakAnonymousMemory) -> None:
         shutil.rmtree(work_dir, ignore_errors=True)
 
 
+def _peak_rss_mb() -> float:
+    """VmHWM: this process's own peak RSS (ru_maxrss would carry its parent's across exec), mapped pages included."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:   # not Linux
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 class PeakAnonymousMemory:
-    """Peak anonymous RSS (MB) of this process while active, sampled: ru_maxrss also counts the pages of the
+    """Peak anonymous RSS (MB) of this process while active, sampled: VmHWM also counts the pages of the
     memory-mapped records a worker has read, which the kernel reclaims at will."""
 
     def __init__(self, every: float = 0.2):

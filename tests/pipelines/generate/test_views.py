@@ -146,3 +146,36 @@ def test_a_finalize_killed_midway_leaves_consistent_views(tmp_path, shards, monk
         assert view_rows(out, v) == view_rows(full, v), v
     assert not [f for v in ("pairs", "candidates") for f in (out / v).iterdir() if f.name.startswith(".")]
     assert not [d for d in os.listdir(out) if ".tmp-" in d or ".old-" in d]
+
+
+def done_by_scanning(scored: Path, expected: dict) -> set:
+    """done_prompts as it was: every good row of every shard, distinct keys per prompt, in Python sets."""
+    seen: dict = {}
+    for f in sorted(scored.glob("shard-*.parquet")):
+        for r in pq.read_table(f, columns=["prompt_id", "pair_key", "error"]).to_pylist():
+            if r["error"] is None:
+                seen.setdefault(r["prompt_id"], set()).add(r["pair_key"])
+    return {p for p, keys in seen.items() if len(keys) >= expected.get(p, 1 << 30)}
+
+
+def test_done_prompts_reads_the_key_index_for_folded_shards_and_equals_a_full_scan(tmp_path, shards, monkeypatch):
+    from pipelines.generate import outputs
+    expected = {"p1": 1, "p2": 1, "p3": 2, "p4": 1, "p5": 1, "p6": 1, "p9": 1}   # p3: q0 never succeeds
+    out = tmp_path / "run"
+    assert outputs.done_prompts(out / "scored", expected) == set()            # nothing written yet
+    write_shard(out / "scored", 0, shards[0])
+    write_shard(out / "scored", 1, shards[1])
+    assert outputs.done_prompts(out / "scored", expected) == {"p1", "p4", "p5"} == done_by_scanning(
+        out / "scored", expected)
+    finalize(out, 2)
+    write_shard(out / "scored", 2, shards[2])    # written by a run that was killed before its finalize
+    read = []
+    monkeypatch.setattr(outputs, "read_shard", lambda f, cols=None: read.append(Path(f).name) or pq.read_table(
+        f, columns=cols))
+    done = outputs.done_prompts(out / "scored", expected)
+    assert done == {"p1", "p2", "p4", "p5", "p6"} == done_by_scanning(out / "scored", expected)
+    # the folded shards were not read: their key index was, and the unfolded shard
+    assert sorted(read) == ["keys-00000.parquet", "shard-00000000000000000002-x.parquet"]
+    (out / views.STATE_DIR / "state.json").unlink()     # no usable index: every shard is scanned, same answer
+    read.clear()
+    assert outputs.done_prompts(out / "scored", expected) == done and len(read) == 3

@@ -80,22 +80,49 @@ def test_the_global_batch_follows_the_recipe_not_the_worker_count(workers, per_d
     assert [p.key for p in bad.validate()] == ["train.global_batch_size"]
 
 
-def test_training_records_are_built_batch_by_batch_and_memory_mapped(tmp_path):
-    """What every Ray Train worker reads: TRL records on disk, sorted by pair_id, bad rows dropped and counted,
-    images still PNG bytes; the dataset is memory-mapped from Arrow files, not a copy in memory."""
-    import datasets
+def test_training_records_are_one_copy_built_batch_by_batch_and_memory_mapped(tmp_path):
+    """What every Ray Train worker reads: ONE Arrow copy of the usable pairs (about their image bytes, written
+    BATCH_ROWS rows at a time, nothing else on disk), in pair_id order whatever the files' order, bad rows
+    dropped and counted, images still PNG bytes decoded when drawn, memory-mapped rather than held."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     from datasets.table import MemoryMappedTable
 
-    from pipelines.train.data import BATCH_ROWS, build_trl_dataset, parquet_files
-    data = make_pairs_parquet(tmp_path / "pairs", n=3 * BATCH_ROWS, files=3, bad_rows=2)
-    dropped = build_trl_dataset(parquet_files(str(data)), tmp_path / "data")
-    assert sum(dropped.values()) == 2
-    ds = datasets.load_from_disk(str(tmp_path / "data" / "records"))
-    assert len(ds) == 3 * BATCH_ROWS and isinstance(ds.data, MemoryMappedTable)
-    assert ds.features["images"].feature.decode and ds[0]["images"][0].size[0] > 0   # decoded when drawn
-    import pyarrow.dataset as pads
+    from pipelines.bench.scale import noise_png
+    from pipelines.train.data import (
+        BATCH_ROWS,
+        build_trl_dataset,
+        load_records,
+        parquet_files,
+        row_problem,
+    )
+    data = make_pairs_parquet(tmp_path / "made", n=3 * BATCH_ROWS, files=1, bad_rows=2)
+    table = pq.read_table(next(data.glob("*.parquet")))
+    rng = np.random.default_rng(0)
+    table = table.set_column(table.schema.get_field_index("image"), "image",
+                             pa.array([noise_png(rng, 40) for _ in range(table.num_rows)], pa.binary()))
+    table = table.take(rng.permutation(table.num_rows))     # files and rows out of pair_id order
+    (tmp_path / "pairs").mkdir()
+    for i, part in enumerate(np.array_split(np.arange(table.num_rows), 3)):
+        pq.write_table(table.take(part), tmp_path / "pairs" / f"part-{i}.parquet")
 
-    from pipelines.train.data import row_problem
-    rows = sorted(pads.dataset(str(data)).to_table().to_pylist(), key=lambda r: r["pair_id"])
-    expected = [r["chosen"] for r in rows if row_problem(r) is None]
-    assert [r["chosen"][0]["content"][0]["text"] for r in ds.select_columns(["chosen"])] == expected
+    dropped = build_trl_dataset(parquet_files(str(tmp_path / "pairs")), tmp_path / "data")
+    assert dropped == {"chosen == rejected": 1, "empty question": 1}
+    rows = sorted(table.to_pylist(), key=lambda r: r["pair_id"])
+    good = [r for r in rows if row_problem(r) is None]
+    image_bytes = sum(len(r["image"]) for r in good)
+    on_disk = {str(f.relative_to(tmp_path / "data")): f.stat().st_size
+               for f in (tmp_path / "data").rglob("*") if f.is_file()}
+    assert sorted(on_disk) == ["dropped.json", "records/order.arrow", "records/records.arrow"]
+    assert image_bytes < sum(on_disk.values()) < 1.15 * image_bytes              # one copy, not three
+
+    ds = load_records(tmp_path / "data")
+    assert len(ds) == 3 * BATCH_ROWS and isinstance(ds.data, MemoryMappedTable)
+    assert [r["chosen"][0]["content"][0]["text"] for r in ds.select_columns(["chosen"])] == [
+        r["chosen"] for r in good]
+    with pa.memory_map(str(tmp_path / "data" / "records" / "records.arrow")) as f:
+        assert max(b.num_rows for b in pa.ipc.open_stream(f)) <= BATCH_ROWS     # written a batch at a time
+    assert ds.features["images"].feature.decode
+    from actors.common.runtime import open_png
+    assert ds[5]["images"][0].size == (40, 40) and ds[5]["images"][0].tobytes() == open_png(good[5]["image"]).tobytes()
