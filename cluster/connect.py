@@ -71,8 +71,17 @@ def connect(address: str | None = None, num_cpus: int | None = None, dashboard: 
     # Through the environment, not a job runtime_env: a local Ray's processes inherit the driver's, and so do its
     # workers (credentials included). With a runtime_env no worker could use the ones Ray prestarts, and each
     # started through setup_worker.py, a second Python start (BENCHMARKS.md, "Where the pipeline's CPU goes").
+    # Only while Ray's processes start: left in the driver's environment it would become the default head of a
+    # later `submit` from the same process (cluster/submit.py reads it).
+    before = os.environ.get("RAY_API_SERVER_ADDRESS")
     os.environ["RAY_API_SERVER_ADDRESS"] = api
-    # address="local": a fresh cluster, never one that happens to run on this machine already.
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
-             dashboard_port=port, log_to_driver=log_to_driver, _system_config=local_system_config(num_cpus))
+    try:
+        # address="local": a fresh cluster, never one that happens to run on this machine already.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                 dashboard_port=port, log_to_driver=log_to_driver, _system_config=local_system_config(num_cpus))
+    finally:
+        if before is None:
+            os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+        else:
+            os.environ["RAY_API_SERVER_ADDRESS"] = before
     return "local"
