@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -118,6 +119,16 @@ def table(rows: list[dict], v: dict) -> str:
     return "\n".join(lines)
 
 
+def write_bench(out: Path, rows: list[dict], args) -> None:
+    """<out>/bench.json: every finished seed's row and the verdict over them; `pending` lists the seeds to come."""
+    from actors.common.files import atomic_write
+    done = {r["seed"] for r in rows}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "bench.json", json.dumps({
+        "rows": rows, "verdict": verdict(rows), "config": args.config, "overrides": args.overrides,
+        "pending": [s for s in args.seeds if s not in done]}, indent=2))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipelines.bench.shapes", description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -137,12 +148,17 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     rows = []
     for seed in args.seeds:
+        load = os.getloadavg()[0]
         rows.append(run_seed(args.config, seed, out, Path(args.models), args.overrides,
                              log=lambda m: print(m, flush=True)))
+        # The machine's load (1-minute average at the start and end, 15-minute at the end): minutes on a shared
+        # machine mean little without it.
+        rows[-1]["load_avg"] = {"start": round(load, 1), "end": round(os.getloadavg()[0], 1),
+                                "end_15min": round(os.getloadavg()[2], 1)}
         print(f"seed {seed}: {json.dumps(rows[-1]['seconds'])}", flush=True)
+        # Written after every seed: a long run stopped part way still leaves the seeds it finished.
+        write_bench(out, rows, args)
     v = verdict(rows)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps({"rows": rows, "verdict": v, "overrides": args.overrides}, indent=2))
     if all("rounds" in r for r in rows):
         print(rounds_table(rows) + "\n\nlast round against the base:")
     print(table(rows, v))

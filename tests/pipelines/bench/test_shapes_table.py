@@ -45,3 +45,18 @@ def test_the_bench_runs_an_iterative_config_round_by_round(ray_local, tmp_path):
     assert row["pairs"] == sum(r["pairs"] for r in row["rounds"]) > 0
     assert row["adapter"]["pope"] == row["rounds"][1]["pope"] and set(row["seconds"]) >= {"round 1", "round 2"}
     assert len(rounds_table([row]).splitlines()) == 2 + 3
+
+
+def test_bench_json_holds_the_seeds_finished_so_far(tmp_path):
+    """Written after every seed: a run stopped part way leaves the finished rows, their verdict and what was left."""
+    import argparse
+    import json
+
+    from pipelines.bench.shapes import write_bench
+    row = {"seed": 3, "base": metrics(0.8, 0.7, 0.2, 0.4, 0.75), "adapter": metrics(0.9, 0.5, 0.1, 0.2, 0.8),
+           "pairs": 10, "seconds": {"total": 300.0}}
+    args = argparse.Namespace(seeds=[3, 4, 5], config="configs/shapes.yaml", overrides=[])
+    write_bench(tmp_path, [row], args)
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["pending"] == [4, 5] and [r["seed"] for r in data["rows"]] == [3]
+    assert abs(data["verdict"]["pope_gain_points"][0] - 10) < 1e-9 and data["verdict"]["checks"]
