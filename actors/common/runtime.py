@@ -69,3 +69,17 @@ def add_node_tag(table, stage: str):
     prev = table.column("stage_nodes").to_pylist() if "stage_nodes" in table.column_names else None
     rows = [(prev[i] if prev else []) + [tag] for i in range(table.num_rows)]
     return with_columns(table, {"stage_nodes": pa.array(rows, pa.list_(pa.string()))})
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS (MB), mapped pages included: VmHWM belongs to the process's own memory map.
+    ru_maxrss would not do for a subprocess: Linux carries it across exec, so a child reports at least the RSS
+    its parent had when it forked."""
+    import resource
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:  # not Linux
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

@@ -3,19 +3,7 @@ from __future__ import annotations
 
 import os
 
-
-def peak_rss_mb() -> float:
-    """This process's peak RSS (MB) since it started its program: VmHWM belongs to the process's own memory map.
-    ru_maxrss would not do for a subprocess: Linux carries it across exec, so a child reports at least the RSS
-    its parent had when it forked."""
-    import resource
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:  # not Linux
-        pass
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+from actors.common.runtime import peak_rss_mb  # noqa: F401  (the benchmarks import it from here)
 
 
 def load_avg() -> list[float]:

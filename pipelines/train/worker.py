@@ -10,11 +10,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import resource
 import shutil
 import tempfile
 from pathlib import Path
 
+from actors.common.runtime import peak_rss_mb
 from pipelines.train.data import build_trl_dataset, load_records
 from pipelines.train.dpo import PROJECTOR, dpo_args, lora_config, trainer_class
 
@@ -161,7 +161,7 @@ def _train(config: dict, memory: PeakAnonymousMemory) -> None:
         # Every rank takes part (ZeRO-3 gathers the adapter; the checksums are a collective); rank 0 writes.
         trainer.save_model(paths["adapter"])
         checksums = _replica_checksums(trainer, ds_config)
-        peak_rss = _gather(_peak_rss_mb())
+        peak_rss = _gather(peak_rss_mb())
         memory.sample()
         peak_anon = _gather(round(memory.peak, 1))
         if trainer.is_world_process_zero():
@@ -190,17 +190,6 @@ def _train(config: dict, memory: PeakAnonymousMemory) -> None:
             }, indent=2))
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
-
-
-def _peak_rss_mb() -> float:
-    """VmHWM: this process's own peak RSS (ru_maxrss would carry its parent's across exec), mapped pages included."""
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:   # not Linux
-        pass
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 class PeakAnonymousMemory:
