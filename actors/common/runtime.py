@@ -71,15 +71,21 @@ def add_node_tag(table, stage: str):
     return with_columns(table, {"stage_nodes": pa.array(rows, pa.list_(pa.string()))})
 
 
+def status_mb(field: str) -> float | None:
+    """A memory figure of this process from /proc/self/status (e.g. VmRSS, VmHWM) in MB; None off Linux."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:  # not Linux
+        pass
+    return None
+
+
 def peak_rss_mb() -> float:
     """This process's peak RSS (MB), mapped pages included: VmHWM belongs to the process's own memory map.
     ru_maxrss would not do for a subprocess: Linux carries it across exec, so a child reports at least the RSS
     its parent had when it forked."""
     import resource
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:  # not Linux
-        pass
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    peak = status_mb("VmHWM")
+    return peak if peak is not None else round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

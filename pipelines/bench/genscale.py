@@ -17,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 
+from actors.common.runtime import status_mb
 from pipelines.bench.child import run_child
 from pipelines.bench.meter import load_avg, peak_rss_mb
 
@@ -32,10 +33,7 @@ def write_prompts_file(path: Path, n: int, seed: int = 0) -> Path:
 
 
 def _rss_mb() -> float:
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
-            return round(int(line.split()[1]) / 1024, 1)
-    return 0.0
+    return status_mb("VmRSS") or 0.0
 
 
 def _sim_env(cfg, out: Path, prompt_s: float, image_bytes: int) -> str:
