@@ -20,7 +20,6 @@ from pipelines.config import RunConfig
 from pipelines.folder import RunFolder
 from pipelines.generate.chain import build_pipeline, prompt_table
 from pipelines.generate.outputs import (
-    AtomicParquetSink,
     clean_partial,
     done_prompts,
     finalize,
@@ -71,6 +70,7 @@ def prepare(cfg: RunConfig, overwrite: bool = False, train: bool = False):
 
 def write_scored(ds, folder: Path, rows_per_shard: int) -> None:
     """Stream a pipeline's rows into durable shards (the write is a light task beside the actor pools)."""
+    from pipelines.generate.sink import AtomicParquetSink
     ds.write_datasink(AtomicParquetSink(str(folder), rows_per_shard), ray_remote_args=task_kwargs(WRITE_CPUS))
 
 

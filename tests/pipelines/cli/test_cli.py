@@ -44,6 +44,16 @@ def test_model_folder_missing_fails_before_ray(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_what_runs_before_ray_imports_neither_ray_nor_pandas():
+    """`prepare` (where bad input fails) runs before Ray starts; Ray Data and pandas (about 1 CPU-s) are imported on a
+    thread while ray.init waits for Ray's processes (cli._ray), off the path to the first pair."""
+    code = ("import sys, pipelines.cli; from pipelines.generate.job import prepare; from pipelines.run.job import "
+            "prepare_run; print(sorted(m for m in ('ray', 'ray.data', 'pandas', 'pyarrow', 'torch') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
 def test_output_dir_not_writable(tmp_path, tiny_models):
     if os.geteuid() == 0:
         target = "/proc/synthalign-test"  # root can write anywhere else
