@@ -33,7 +33,7 @@ def run_seed(config: str, seed: int, out: Path, models: Path, overrides: list[st
     base = make_shapes_base(models / f"s{seed}", seed=seed, log=log)
     pretrain = json.loads((base / "pretrain.json").read_text())
     # A base built by an earlier bench is reused; its recorded build time still counts in the run's total.
-    built_s = max(time.time() - t0, pretrain["seconds"] + pretrain.get("vision_seconds", 0))
+    built_s = max(time.time() - t0, pretrain.get("build_seconds", pretrain["seconds"] + pretrain.get("vision_seconds", 0)))
     cfg = load_config(config, [f"output_dir={out / f's{seed}'}", "tiny_models=null", f"train.model={base}",
                                f"prompts.seed={seed}", f"train.seed={seed}"] + overrides)
     for s in cfg.samplers:

@@ -8,7 +8,8 @@ on freshly drawn shapes images with reference captions and yes/no existence ques
 It stops early on purpose: the point of the shapes world is to measure what DPO does to hallucination, so the
 base must answer sensibly yet still hallucinate. Training stops at a fixed step count, chosen so that the
 base's yes/no accuracy is well above chance but far from perfect (see `SPEC`); `pretrain.json` records
-the validation accuracy at the end so a drifting base is visible.
+the validation accuracy at the end so a drifting base is visible. `GUARD` keeps a base from collapsing (the
+best checked state comes back when the run ends well below it) and refuses a near-blind one.
 """
 from __future__ import annotations
 
@@ -26,6 +27,11 @@ from actors.common.objects import EXISTENCE_QUESTION, POPE_STRATEGIES
 SPEC = {"version": 2, "image": 48, "patch": 16, "vision_hidden": 64, "vision_layers": 2, "hidden": 128,
         "layers": 3, "heads": 4, "vision_steps": 150, "steps": 1200, "min_steps": 200, "check_every": 25,
         "stop_at_yes_no": 0.75, "batch": 32, "lr": 2e-3, "caption_share": 0.3, "shape_negatives": 0.3}
+# Not in the build's key: a run that stops at the threshold ends on its best check, so restoring never fires
+# and its bytes are what SPEC alone gives; a cached base is re-checked against GUARD instead (issue 18).
+# collapse_margin: 0.1 is ~2 standard errors of the 96-question check near 0.7. min_held_out_yes_no: 0.6 is
+# 2 standard errors above chance on the held-out 96. retries: further SFT data streams before refusing.
+GUARD = {"collapse_margin": 0.1, "min_held_out_yes_no": 0.6, "retries": 2}
 
 
 def shapes_corpus() -> list[str]:
@@ -173,23 +179,30 @@ def example_loss(model, batch):
     return ((tok * mask).sum(1) / mask.sum(1)).mean()
 
 
-def pretrain(model, processor, seed: int, spec: dict = SPEC, log=print) -> dict:
+def pretrain(model, processor, seed: int, spec: dict = SPEC, log=print, *, guard: dict = GUARD,
+             check=yes_no_accuracy, attempt: int = 0) -> dict:
     """Stage 2, LLaVA's instruction tuning: projector and language model on captions and yes/no questions,
-    the vision tower frozen (as LLaVA-1.5 keeps CLIP frozen)."""
+    the vision tower frozen (as LLaVA-1.5 keeps CLIP frozen). `attempt` > 0 draws another SFT data stream.
+
+    A run that never reaches the stop threshold ends wherever the constant learning rate leaves it: measured,
+    seed 1 climbed to 0.73 at step 1,100 and fell to 0.39 a step later. When the last check is below the best
+    by `collapse_margin`, the best checked state is restored."""
     import torch
     torch.manual_seed(seed)
     for p in model.model.vision_tower.parameters():
         p.requires_grad_(False)
-    rng = random.Random(f"sft:{seed}")
+    # Attempt 0 keeps today's stream (and so today's bytes); later attempts get streams of their own.
+    rng = random.Random(f"sft:{seed}" if attempt == 0 else f"sft:{seed}:{attempt}")
+    namespace = f"sft{seed}-" if attempt == 0 else f"sft{seed}.{attempt}-"
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec["lr"], weight_decay=0.0)
     steps, warm = spec["steps"], 20
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
     model.train()
-    t0, losses, index, checks = time.time(), [], 0, []
+    t0, losses, index, checks, best = time.time(), [], 0, [], None
     for step in range(1, steps + 1):
         batch = []
         for _ in range(spec["batch"]):
-            batch.append(sft_example(rng, index, f"sft{seed}-", spec["caption_share"], spec["shape_negatives"]))
+            batch.append(sft_example(rng, index, namespace, spec["caption_share"], spec["shape_negatives"]))
             index += 1
         loss = example_loss(model, collate(processor, batch))
         loss.backward()
@@ -204,36 +217,76 @@ def pretrain(model, processor, seed: int, spec: dict = SPEC, log=print) -> dict:
         # Stop early on purpose, once the base answers yes/no sensibly: when it starts to look at the image
         # differs by seed (a sudden jump, anywhere from ~300 to ~800 steps), so a fixed count gives blind bases.
         if step >= spec["min_steps"] and step % spec["check_every"] == 0:
-            checks.append((step, yes_no_accuracy(model, processor, seed=seed)))
+            checks.append((step, check(model, processor, seed=seed)))
             if checks[-1][1] >= spec["stop_at_yes_no"]:
                 log(f"pretrain: stop at step {step}, yes/no accuracy {checks[-1][1]:.2f} on validation images")
                 break
-    return {"steps": step, "final_loss": sum(losses[-20:]) / len(losses[-20:]), "checks": checks,
-            "seconds": round(time.time() - t0, 1)}
+            if best is None or checks[-1][1] > best[1]:   # a copy in memory: the model is a few MB
+                best = (step, checks[-1][1], {k: v.detach().clone() for k, v in model.state_dict().items()})
+    stats = {"steps": step, "final_loss": sum(losses[-20:]) / len(losses[-20:]), "checks": checks,
+             "seconds": round(time.time() - t0, 1), "attempt": attempt}
+    if best is not None and checks[-1][1] <= best[1] - guard["collapse_margin"]:
+        model.load_state_dict(best[2])
+        stats["restored_step"] = best[0]
+        log(f"pretrain: checks fell from {best[1]:.2f} (step {best[0]}) to {checks[-1][1]:.2f}: "
+            f"restored step {best[0]}")
+    return stats
 
 
-def make_shapes_base(out_dir: str | Path, seed: int = 0, spec: dict | None = None, log=print) -> Path:
-    """Build (or reuse) the pretrained shapes LLaVA under out_dir/llava; returns that folder."""
+def guard_problems(stats: dict, guard: dict = GUARD) -> list[str]:
+    """Why a build (its pretrain.json) is not an acceptable base: a collapse left in place, or near chance."""
+    problems = []
+    checks = stats.get("checks") or []
+    if checks and "restored_step" not in stats and \
+            checks[-1][1] <= max(c for _, c in checks) - guard["collapse_margin"]:
+        problems.append(f"checks fell from {max(c for _, c in checks):.2f} to {checks[-1][1]:.2f} (a collapse)")
+    if stats["val_yes_no_accuracy"] < guard["min_held_out_yes_no"]:
+        problems.append(f"held-out yes/no accuracy {stats['val_yes_no_accuracy']:.2f} is near chance "
+                        f"(< {guard['min_held_out_yes_no']})")
+    return problems
+
+
+def make_shapes_base(out_dir: str | Path, seed: int = 0, spec: dict | None = None, log=print, *,
+                     guard: dict | None = None, check=yes_no_accuracy) -> Path:
+    """Build (or reuse) the pretrained shapes LLaVA under out_dir/llava; returns that folder.
+
+    A build whose held-out check is near chance is retried on the next SFT data stream (a blind base is one
+    stream's bad luck, and the bench needs a base per seed), at most `retries` times; then RuntimeError."""
     import torch
     spec = {**SPEC, **(spec or {})}
+    guard = {**GUARD, **(guard or {})}
     out_dir = Path(out_dir)
     folder = out_dir / "llava"
     key = hashlib.sha256(json.dumps([spec, seed], sort_keys=True).encode()).hexdigest()[:16]
     marker = folder / ".complete"
     if marker.exists() and marker.read_text().strip() == key:
-        return folder
+        problems = guard_problems(json.loads((folder / "pretrain.json").read_text()), guard)
+        if not problems:
+            return folder
+        log(f"pretrain: cached base {folder} rebuilt: {'; '.join(problems)}")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)   # one thread: two are erratic on these 2-core machines (STACK-NOTES)
+    t0 = time.time()
     try:
-        model, processor = build_model(seed, spec)
-        stats = pretrain_vision(model, processor, seed, spec, log)
-        stats.update(pretrain(model, processor, seed, spec, log))
-        for p in model.parameters():
-            p.requires_grad_(True)
-        stats["val_yes_no_accuracy"] = yes_no_accuracy(model, processor, seed=seed + 1000)  # not the stop set
-        log(f"pretrain: yes/no accuracy {stats['val_yes_no_accuracy']:.2f} on held-out images")
+        for attempt in range(guard["retries"] + 1):
+            model, processor = build_model(seed, spec)
+            stats = pretrain_vision(model, processor, seed, spec, log)
+            stats.update(pretrain(model, processor, seed, spec, log, guard=guard, check=check, attempt=attempt))
+            for p in model.parameters():
+                p.requires_grad_(True)
+            # Validation-namespace images of another seed: neither the stop set nor any evaluation image.
+            stats["val_yes_no_accuracy"] = check(model, processor, seed=seed + 1000)
+            log(f"pretrain: yes/no accuracy {stats['val_yes_no_accuracy']:.2f} on held-out images")
+            problems = guard_problems(stats, guard)
+            if not problems:
+                break
+            log(f"pretrain: attempt {attempt} refused: {'; '.join(problems)}")
+        else:
+            raise RuntimeError(f"shapes base seed {seed}: refused after {guard['retries'] + 1} SFT data streams: "
+                               f"{'; '.join(problems)}")
     finally:
         torch.set_num_threads(threads)
+    stats["build_seconds"] = round(time.time() - t0, 1)   # every attempt, model building included
     with atomic_dir(folder) as tmp:   # a folder is either complete or absent
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
