@@ -14,7 +14,7 @@ from itertools import islice
 from typing import Callable
 
 from actors.prompts import PromptsConfig, check_prompts, iter_prompts
-from cluster.resources import WRITE_CPUS, task_kwargs
+from cluster.resources import task_kwargs
 from pipelines.generate.chain import prompt_table
 
 
@@ -63,8 +63,9 @@ class PromptSource:
         """The rows to do, made by Ray Data tasks from the plan's blocks: one output block per planned block."""
         import ray.data
         ds = ray.data.from_items(plan.blocks, override_num_blocks=len(plan.blocks))
+        # No CPU asked: the pools may hold every core, and a task waiting for one would starve the whole chain
         return ds.map_batches(make_rows, batch_size=None, batch_format="pyarrow",
-                              fn_kwargs={"cfg": self.cfg, "mentions": self.mentions}, **task_kwargs(WRITE_CPUS))
+                              fn_kwargs={"cfg": self.cfg, "mentions": self.mentions}, **task_kwargs(0))
 
 
 @dataclass
