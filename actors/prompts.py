@@ -2,8 +2,9 @@
 
 A row: `prompt_id`, `image_prompt` (text-to-image), `instructions` (questions about the image) and
 `gt_objects` (the COCO classes the prompt puts in the image, which the hallucination reward and
-controlled POPE rely on). Prompts are cheap, so they are built on the driver, where a bad row can be
-reported with its file and line.
+controlled POPE rely on). A file is checked on the driver, streamed, where a bad row can be reported with its
+file and line before anything runs; the rows themselves are made where they are used, from a cursor
+(`iter_prompts`), so that no process holds them all.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from actors.common.errors import InputError, Problem
-from actors.common.files import read_user_lines
+from actors.common.files import iter_user_lines
 from actors.common.objects import EXISTENCE_QUESTION
 from actors.common.seeds import stable_seed
 
@@ -116,13 +117,21 @@ def generate_prompt(seed: int, index: int, max_objects: int, n_instructions: int
             "instructions": instructions, "gt_objects": sorted(set(objects))}
 
 
-def _read_lines(path: Path) -> list[tuple[int, str]]:
+def _rows_of(path: Path, start: int = 0, first_line: int = 1):
+    """A user's file's non-blank lines, stripped: (line number, text, byte offset after the line)."""
+    for lineno, line, end in iter_user_lines(path, start=start, first_line=first_line):
+        if line.strip():
+            yield lineno, line.strip(), end
+
+
+def _scan(path: Path) -> int:
+    """The file's non-blank lines, counted in one streamed pass that refuses a missing or unreadable file."""
     if not path.is_file():
         raise InputError("file not found", file=str(path))
-    lines = [(i, line.strip()) for i, line in enumerate(read_user_lines(path), 1) if line.strip()]
-    if not lines:
+    n = sum(1 for _ in _rows_of(path))
+    if not n:
         raise InputError("file is empty", file=str(path))
-    return lines
+    return n
 
 
 def without_image_token(instruction: str) -> str:
@@ -131,78 +140,109 @@ def without_image_token(instruction: str) -> str:
     return re.sub(r"\s*<image>\s*", " ", instruction).strip()
 
 
-def _from_jsonl(path: Path) -> list[dict]:
-    rows = []
-    for lineno, line in _read_lines(path):
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"invalid JSON ({e.msg})", file=str(path), row=lineno) from None
-        if not isinstance(obj, dict):
-            raise InputError("expected a JSON object", file=str(path), row=lineno)
-        prompt = obj.get("image_prompt", obj.get("prompt"))
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise InputError("missing or empty", file=str(path), row=lineno, field="image_prompt")
-        instr = obj.get("instructions", obj.get("instruction", [DEFAULT_INSTRUCTION]))
-        instr = [instr] if isinstance(instr, str) else instr
-        if not isinstance(instr, list) or not instr or not all(isinstance(s, str) and s.strip() for s in instr):
-            raise InputError("must be a non-empty string or list of strings", file=str(path),
-                             row=lineno, field="instructions")
-        gt = obj.get("gt_objects")
-        if gt is not None and not (isinstance(gt, list) and all(isinstance(s, str) for s in gt)):
-            raise InputError("must be a list of strings", file=str(path), row=lineno, field="gt_objects")
-        pid = obj.get("prompt_id", f"{path.stem}-{lineno:07d}")
-        instr = [without_image_token(s) for s in instr]
-        if not all(instr):
-            raise InputError("an instruction holds nothing but <image>", file=str(path), row=lineno,
-                             field="instructions")
-        rows.append({"prompt_id": str(pid), "image_prompt": prompt.strip(), "instructions": instr,
-                     "gt_objects": gt, "_row": lineno})
-    return rows
+def _jsonl_row(path: Path, lineno: int, line: str) -> dict:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise InputError(f"invalid JSON ({e.msg})", file=str(path), row=lineno) from None
+    if not isinstance(obj, dict):
+        raise InputError("expected a JSON object", file=str(path), row=lineno)
+    prompt = obj.get("image_prompt", obj.get("prompt"))
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InputError("missing or empty", file=str(path), row=lineno, field="image_prompt")
+    instr = obj.get("instructions", obj.get("instruction", [DEFAULT_INSTRUCTION]))
+    instr = [instr] if isinstance(instr, str) else instr
+    if not isinstance(instr, list) or not instr or not all(isinstance(s, str) and s.strip() for s in instr):
+        raise InputError("must be a non-empty string or list of strings", file=str(path),
+                         row=lineno, field="instructions")
+    gt = obj.get("gt_objects")
+    if gt is not None and not (isinstance(gt, list) and all(isinstance(s, str) for s in gt)):
+        raise InputError("must be a list of strings", file=str(path), row=lineno, field="gt_objects")
+    pid = obj.get("prompt_id", f"{path.stem}-{lineno:07d}")
+    instr = [without_image_token(s) for s in instr]
+    if not all(instr):
+        raise InputError("an instruction holds nothing but <image>", file=str(path), row=lineno,
+                         field="instructions")
+    return {"prompt_id": str(pid), "image_prompt": prompt.strip(), "instructions": instr, "gt_objects": gt}
 
 
-def _from_text(path: Path, instructions_file: str | None) -> list[dict]:
-    lines = _read_lines(path)
-    if instructions_file:
-        ipath = Path(instructions_file)
-        instr = _read_lines(ipath)
-        if len(instr) != len(lines):
-            raise InputError(f"has {len(instr)} instructions for {len(lines)} prompts in {path}",
-                             file=str(ipath))
-        instructions = [[without_image_token(s)] for _, s in instr]
-        empty = next((lineno for (lineno, _), [s] in zip(instr, instructions) if not s), None)
-        if empty:
-            raise InputError("the instruction holds nothing but <image>", file=str(ipath), row=empty)
-    else:
-        instructions = [[DEFAULT_INSTRUCTION]] * len(lines)
-    return [{"prompt_id": f"{path.stem}-{lineno:07d}", "image_prompt": text, "instructions": ins,
-             "gt_objects": None, "_row": lineno} for (lineno, text), ins in zip(lines, instructions)]
+def _is_jsonl(path: Path) -> bool:
+    return path.suffix in (".jsonl", ".json")
+
+
+def _generated(cfg: PromptsConfig):
+    """Row `i` of a generated source: the same row whatever else is generated (one RNG per index)."""
+    if cfg.source == "generate":
+        classes = default_classes()
+        return lambda i: generate_prompt(cfg.seed, i, cfg.max_objects, cfg.instructions_per_prompt, classes,
+                                         cfg.round)
+    from actors.common.shapes import shapes_prompt_row
+    ns = "train" if cfg.round == 1 else f"train-{round_namespace(cfg.round)}-"  # eval draws from "eval"
+    return lambda i: shapes_prompt_row(cfg.seed, i, cfg.instructions_per_prompt, cfg.max_objects, ns)
+
+
+def iter_prompts(cfg: PromptsConfig, mentions=None, start=None):
+    """Prompt rows one at a time, each with the cursor after it (a generated row's index + 1; a file's byte offset
+    and line number, and the instructions file's): `start`, a cursor, resumes the stream there. A file is read a
+    line at a time and only its rows are checked: `check_prompts` checks it whole first. `mentions(text) ->
+    classes` fills gt_objects for file prompts that lack them."""
+    if cfg.source != "file":
+        make = _generated(cfg)
+        for i in range(start or 0, cfg.num_prompts):
+            yield make(i), i + 1
+        return
+    path = Path(cfg.file)
+    start = tuple(start or (0, 1))
+    ipath = Path(cfg.instructions_file) if cfg.instructions_file and not _is_jsonl(path) else None
+    instr = _rows_of(ipath, *(start[2:] or (0, 1))) if ipath else None
+    for lineno, text, end in _rows_of(path, *start[:2]):
+        if _is_jsonl(path):
+            row, cursor = _jsonl_row(path, lineno, text), (end, lineno + 1)
+        else:
+            row = {"prompt_id": f"{path.stem}-{lineno:07d}", "image_prompt": text,
+                   "instructions": [DEFAULT_INSTRUCTION], "gt_objects": None}
+            cursor = (end, lineno + 1)
+            if instr:
+                ilineno, itext, iend = next(instr)
+                row["instructions"] = [without_image_token(itext)]
+                if not row["instructions"][0]:
+                    raise InputError("the instruction holds nothing but <image>", file=str(ipath), row=ilineno)
+                cursor += (iend, ilineno + 1)
+        if row["gt_objects"] is None:
+            row["gt_objects"] = sorted(set(mentions(row["image_prompt"]))) if mentions else []
+        yield row, cursor
+
+
+def check_prompts(cfg: PromptsConfig) -> int:
+    """The number of prompt rows. A file is checked whole, streamed (only the ids are kept, for the duplicate
+    check), so that bad input fails before anything runs; the errors come in the order a whole read gave them."""
+    if cfg.source != "file":
+        return cfg.num_prompts
+    path = Path(cfg.file)
+    n = _scan(path)
+    if cfg.instructions_file and not _is_jsonl(path):
+        ipath = Path(cfg.instructions_file)
+        k = _scan(ipath)
+        if k != n:
+            raise InputError(f"has {k} instructions for {n} prompts in {path}", file=str(ipath))
+    seen: dict[str, int] = {}
+    duplicate = None
+    for row, cursor in iter_prompts(cfg):
+        pid, lineno = row["prompt_id"], cursor[1] - 1
+        if pid in seen:   # reported after every row's own checks, as when the rows were all read first
+            duplicate = duplicate or InputError(f"duplicate prompt_id '{pid}' (first at row {seen[pid]})",
+                                                file=str(path), row=lineno, field="prompt_id")
+        else:
+            seen[pid] = lineno
+    if duplicate:
+        raise duplicate
+    return n
 
 
 def load_prompts(cfg: PromptsConfig, mentions=None) -> list[dict]:
-    """All prompt rows. `mentions(text) -> classes` fills gt_objects for file prompts that lack them."""
-    if cfg.source == "generate":
-        classes = default_classes()
-        return [generate_prompt(cfg.seed, i, cfg.max_objects, cfg.instructions_per_prompt, classes, cfg.round)
-                for i in range(cfg.num_prompts)]
-    if cfg.source == "shapes":
-        from actors.common.shapes import shapes_prompt_row
-        ns = "train" if cfg.round == 1 else f"train-{round_namespace(cfg.round)}-"  # eval draws from "eval"
-        return [shapes_prompt_row(cfg.seed, i, cfg.instructions_per_prompt, cfg.max_objects, ns)
-                for i in range(cfg.num_prompts)]
-    path = Path(cfg.file)
-    rows = _from_jsonl(path) if path.suffix in (".jsonl", ".json") else _from_text(path, cfg.instructions_file)
-    seen: dict[str, int] = {}
-    for row in rows:
-        lineno = row.pop("_row")
-        if row["prompt_id"] in seen:
-            raise InputError(f"duplicate prompt_id '{row['prompt_id']}' (first at row {seen[row['prompt_id']]})",
-                             file=str(path), row=lineno, field="prompt_id")
-        seen[row["prompt_id"]] = lineno
-        if row["gt_objects"] is None:
-            row["gt_objects"] = sorted(set(mentions(row["image_prompt"]))) if mentions else []
-    return rows
-
+    """All prompt rows in a list (small sets and tests; a run streams them: pipelines/generate/source.py)."""
+    check_prompts(cfg)
+    return [row for row, _ in iter_prompts(cfg, mentions)]
 
 def candidate_seed(prompt_id: str, k: int, base_seed: int = 0) -> int:
     """Seed of candidate k of a prompt: a rerun renders the same bytes, whatever the batching."""

@@ -39,6 +39,30 @@ def read_user_lines(path: str | Path, what: str = "file") -> list[str]:
     return [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
 
 
+def iter_user_lines(path: str | Path, what: str = "file", start: int = 0, first_line: int = 1):
+    """`read_user_lines` one line at a time: (line number, text, byte offset after the line), from byte `start`
+    (which begins line `first_line`). Same lines, same errors (a bad byte names its line), O(1) memory."""
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise InputError(f"cannot read {what}: {e.strerror or e}", file=str(path)) from None
+    with f:
+        f.seek(start)
+        pos, lineno = start, first_line
+        for raw in f:   # binary lines end at b"\n" only, as read_user_lines splits
+            end = pos + len(raw)
+            if pos == 0 and raw.startswith(b"\xef\xbb\xbf"):   # the byte-order mark utf-8-sig drops
+                raw = raw[3:]
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InputError(f"not valid UTF-8 (byte 0x{e.object[e.start]:02x})", file=str(path),
+                                 row=lineno) from None
+            text = text[:-1] if text.endswith("\n") else text
+            yield lineno, text[:-1] if text.endswith("\r") else text, end
+            pos, lineno = end, lineno + 1
+
+
 @contextmanager
 def atomic_file(path: str | Path):
     """Yield a temporary path beside `path` (`.NAME.tmp`); on success it replaces `path` in one rename."""

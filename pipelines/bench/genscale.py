@@ -24,11 +24,11 @@ from pipelines.bench.meter import load_avg, peak_rss_mb
 
 def write_prompts_file(path: Path, n: int, seed: int = 0) -> Path:
     """`n` prompts (tiny.yaml's generator: objects, gt_objects, two instructions each) as a .jsonl file."""
-    from actors.prompts import PromptsConfig, load_prompts
+    from actors.prompts import PromptsConfig, iter_prompts
     path.parent.mkdir(parents=True, exist_ok=True)
-    rows = load_prompts(PromptsConfig(num_prompts=n, seed=seed, instructions_per_prompt=2))
-    path.write_text("".join(json.dumps({k: r[k] for k in ("prompt_id", "image_prompt", "instructions",
-                                                           "gt_objects")}) + "\n" for r in rows))
+    with path.open("w") as f:   # a row at a time: the bench process holds no prompt list either
+        for r, _ in iter_prompts(PromptsConfig(num_prompts=n, seed=seed, instructions_per_prompt=2)):
+            f.write(json.dumps({k: r[k] for k in ("prompt_id", "image_prompt", "instructions", "gt_objects")}) + "\n")
     return path
 
 

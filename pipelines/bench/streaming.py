@@ -65,19 +65,21 @@ def bench_streaming(work: Path, tiny: Path, n_prompts: int = 2048, overrides=(),
     """Pipeline vs the plain loop (loop.py, `batch` prompts per model call, `loop_threads` torch threads: its
     best here) on the same prompt rows, back to back in this process (the loop first). `loop_imports`: also
     measure the imports a fresh loop process pays (a Python subprocess, several CPU-s)."""
+    from actors.prompts import load_prompts
     from pipelines.bench.loop import run_loop
     from pipelines.folder import RunFolder
     from pipelines.generate.job import prepare, run_generate
     cfg = tiny_run_config(work / "stream-pipeline", tiny, n_prompts, overrides)
     RunFolder(cfg).clear()
-    rows, vocab, _ = prepare(cfg)
+    prompts, vocab, _ = prepare(cfg)
+    rows = load_prompts(cfg.prompts, mentions=vocab.mentions)   # the plain loop takes a list
     load0 = load_avg()
     shutil.rmtree(work / "stream-loop", ignore_errors=True)
     with CpuMeter() as loop_cpu:
         loop = run_loop(cfg, rows, work / "stream-loop", batch, loop_threads)
     t0 = time.time()
     with CpuMeter() as pipe_cpu:
-        manifest = run_generate(cfg, prepared=(rows, vocab, Path(cfg.output_dir)))
+        manifest = run_generate(cfg, prepared=(prompts, vocab, Path(cfg.output_dir)))
     pipe_s = time.time() - t0
     imports = import_cpu_seconds() if loop_imports else 0.0
     return {"prompts": n_prompts, "loop_seconds": loop["seconds"], "loop_stage_seconds": loop["stage_seconds"],

@@ -96,16 +96,23 @@ def named_chain(name: str) -> type:
     return type(name, (Chain,), {"__module__": __name__, "__qualname__": name})
 
 
+def rows_per_block(cfg, n_prompts: int) -> int:
+    """Blocks of about one images batch keep every pool fed from the first rows on (at most ~1,000 blocks)."""
+    return max(cfg.pool("images").batch_size, -(-n_prompts // 1000))
+
+
 def build_pipeline(cfg, prompts, vocab, stages=STAGES, swap: dict | None = None, startup_dir: str | None = None):
-    """Chain the stages on a Ray Data dataset of prompt rows (a pyarrow table); the contract is checked first.
-    With `startup_dir`, every actor records its start and model-load times there (`record_startup`)."""
+    """Chain the stages on a Ray Data dataset of prompt rows (a run's: source.PromptSource.dataset; or a small
+    pyarrow table, cut into blocks here); the contract is checked first. With `startup_dir`, every actor records
+    its start and model-load times there (`record_startup`)."""
+    import pyarrow as pa
     import ray.data
     run_steps = steps(cfg, vocab, stages, swap)
     check_steps(run_steps)
-    # Blocks of about one images batch keep every pool fed from the first rows on.
-    rows_per_block = max(cfg.pool("images").batch_size, -(-prompts.num_rows // 1000))
-    ds = ray.data.from_arrow([prompts.slice(i, rows_per_block)
-                              for i in range(0, prompts.num_rows, rows_per_block)])
+    ds = prompts
+    if isinstance(prompts, pa.Table):
+        size = rows_per_block(cfg, prompts.num_rows)
+        ds = ray.data.from_arrow([prompts.slice(i, size) for i in range(0, prompts.num_rows, size)])
     if cfg.fuse:  # one actor class, scheduled by pools.images
         run_steps = [Step("WholeChain", cfg.pool("images"), [p for s in run_steps for p in s.parts])]
     for step in run_steps:

@@ -13,18 +13,18 @@ from pathlib import Path
 
 from actors.common.errors import InputError
 from actors.common.files import looks_local
-from actors.prompts import load_prompts
 from actors.rewards import load_vocab
 from cluster.resources import WRITE_CPUS, task_kwargs
 from pipelines.config import RunConfig
 from pipelines.folder import RunFolder
-from pipelines.generate.chain import build_pipeline, prompt_table
+from pipelines.generate.chain import build_pipeline, rows_per_block
 from pipelines.generate.outputs import (
     clean_partial,
-    done_prompts,
     finalize,
+    question_counts,
     shards,
 )
+from pipelines.generate.source import PromptSource
 
 
 def package_versions() -> dict:
@@ -55,7 +55,8 @@ def check_models(cfg: RunConfig) -> None:
 
 def prepare(cfg: RunConfig, overwrite: bool = False, train: bool = False):
     """Everything that can fail on bad input, done before Ray starts: models, prompts, the run folder
-    (`train`: the training recipe too). With overwrite, the folder's stale parts are cleared last."""
+    (`train`: the training recipe too). With overwrite, the folder's stale parts are cleared last. The prompts come
+    back checked and counted, not loaded (source.PromptSource)."""
     if cfg.tiny_models:
         from pipelines.models import build_recipe
         build_recipe(cfg.tiny_recipe or ("shapes" if cfg.images.backend == "shapes" else "tiny"), cfg.tiny_models)
@@ -64,8 +65,8 @@ def prepare(cfg: RunConfig, overwrite: bool = False, train: bool = False):
         from pipelines.train.job import check_recipe
         check_recipe(cfg.train)
     vocab = load_vocab(cfg.rewards, cfg.prompts.source)
-    rows = load_prompts(cfg.prompts, mentions=vocab.mentions)
-    return rows, vocab, RunFolder(cfg).prepare(overwrite, train=train)  # last: only then is anything removed
+    prompts = PromptSource.checked(cfg.prompts, mentions=vocab.mentions)
+    return prompts, vocab, RunFolder(cfg).prepare(overwrite, train=train)  # last: only then is anything removed
 
 
 def write_scored(ds, folder: Path, rows_per_shard: int) -> None:
@@ -115,24 +116,23 @@ def run_generate(cfg: RunConfig, overwrite: bool = False, prepared=None, clock: 
     figures count from the command's start when given. `swap`: stage stand-ins by pool key (the benchmarks')."""
     t0 = time.time()
     since = (clock or {}).get("command_start", t0)
-    rows, vocab, out = prepared or prepare(cfg, overwrite)
+    prompts, vocab, out = prepared or prepare(cfg, overwrite)
     folder = RunFolder(cfg)
     base = {"versions": package_versions()}
     folder.write_manifest({**base, "status": "running"})  # claims the folder for this config
     scored = out / "scored"
     clean_partial(scored)
-    done = done_prompts(scored, {r["prompt_id"]: len(r["instructions"]) for r in rows})
-    todo = [r for r in rows if r["prompt_id"] not in done]
+    plan = prompts.plan(question_counts(scored), lambda todo: rows_per_block(cfg, todo))
     startup = out / ".startup"
     shutil.rmtree(startup, ignore_errors=True)   # this invocation's actors only
     t_prep = time.time()
-    if todo:
-        write_scored(build_pipeline(cfg, prompt_table(todo), vocab, swap=swap, startup_dir=str(startup)), scored,
+    if plan.todo:
+        write_scored(build_pipeline(cfg, prompts.dataset(plan), vocab, swap=swap, startup_dir=str(startup)), scored,
                      cfg.rows_per_shard)
     t_stream = time.time()
     counts = finalize(out, cfg.min_rows_per_file)
-    counts["images_rendered"] = len(todo) * cfg.images.num_candidates
-    counts["prompts_resumed"] = len(done)
+    counts["images_rendered"] = plan.todo * cfg.images.num_candidates
+    counts["prompts_resumed"] = plan.done
     error_fraction = counts["errors"] / max(1, counts["questions"])
     status = "failed" if error_fraction > cfg.max_error_fraction else "complete"
     before = {k: v for k, v in (clock or {}).items() if k in ("launch", "ray_start")}

@@ -36,7 +36,12 @@ def clean_partial(scored: Path) -> int:
 
 
 def done_prompts(scored: Path, expected_rows: dict[str, int]) -> set[str]:
-    """Prompts whose every image-question is already in `scored/` without an error. The shards the views have
+    """Prompts whose every image-question is already in `scored/` without an error."""
+    return {pid for pid, n in question_counts(scored).items() if n >= expected_rows.get(pid, 1 << 30)}
+
+
+def question_counts(scored: Path) -> dict[str, int]:
+    """Per prompt in `scored/`, its distinct image-questions written without an error. The shards the views have
     folded are known by the key index (`.views/keys-*.parquet`: the first good row of each key); the others are
     read for three columns. Pairs are counted in Arrow (tens of bytes a row), never as Python sets."""
     import pyarrow as pa
@@ -52,13 +57,12 @@ def done_prompts(scored: Path, expected_rows: dict[str, int]) -> set[str]:
                 t = t.filter(pc.is_null(t.column("error")))
             parts.append(t.select(["prompt_id", "pair_key"]))
     if not parts:
-        return set()
+        return {}
     pairs = pa.concat_tables([t.cast(pa.schema([("prompt_id", pa.string()), ("pair_key", pa.string())]))
                               for t in parts])
     per_prompt = pairs.group_by("prompt_id").aggregate([("pair_key", "count_distinct")])
-    return {pid for pid, n in zip(per_prompt.column("prompt_id").to_pylist(),
-                                  per_prompt.column("pair_key_count_distinct").to_pylist())
-            if n >= expected_rows.get(pid, 1 << 30)}
+    return dict(zip(per_prompt.column("prompt_id").to_pylist(),
+                    per_prompt.column("pair_key_count_distinct").to_pylist()))
 
 
 # Per candidate, every list the rewards stage adds (each term, `hallucinated`, the combined `reward`): taken
