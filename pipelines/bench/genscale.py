@@ -97,6 +97,9 @@ def bench_generation(work: Path, tiny: Path, sizes=(2000, 20000), mode: str = "s
     """Driver memory of generation at each size (its own subprocess); the run folders are removed once measured.
     `overrides`: config --set items (the sim's larger shards: tiny.yaml writes 8 rows a shard, a Ray task each)."""
     import ray
+
+    from pipelines.models.tiny import make_tiny
+    make_tiny(tiny)   # here, not in the first child: building them would count in its peak
     address = ray.get_runtime_context().gcs_address if mode == "real" else None
     runs = []
     for n in sizes:
