@@ -97,22 +97,24 @@ def _thread_env(threads: int, num_cpus: float) -> dict:
 # A batch whose actor died is retried on the restarted actor this many times (5: Ray Data's own default before
 # it became -1, forever): a batch that kills its actor every time (a device-side assert on one input) would
 # otherwise loop without end. Ray 2.60 takes it only through map_batches' **ray_remote_args, deprecated for
-# removal in 2.64 with no named replacement yet (a DeprecationWarning): revisit on upgrade.
+# removal in 2.64 with no named replacement (DataContext and ActorPoolStrategy have none either): map_on_pool
+# silences that one warning; on 2.64 the call fails with a TypeError, not silently.
 ACTOR_TASK_RETRIES = 5
 
 
 def map_batches_kwargs(pool: PoolConfig) -> dict:
     """Keyword arguments for `Dataset.map_batches` running a callable class on an actor pool.
 
-    Ray Data restarts crashed pool actors (max_restarts=-1) and retries their batches, ACTOR_TASK_RETRIES
-    times here; a batch that raises is not retried (the row guard quarantines bad rows and ends the actor on
-    a fatal error, see actors/common/guard.py).
+    Ray Data restarts crashed pool actors (its default max_restarts=-1) and retries their batches,
+    ACTOR_TASK_RETRIES times here; a batch that raises is not retried (the row guard quarantines bad rows and
+    ends the actor on a fatal error, see actors/common/guard.py). All but max_task_retries are named parameters
+    of map_batches; call it through map_on_pool.
     """
     import ray.data
     compute = (ray.data.ActorPoolStrategy(min_size=pool.size, max_size=pool.max_size) if pool.max_size
                else ray.data.ActorPoolStrategy(size=pool.size))
     kwargs = {"compute": compute, "batch_size": pool.batch_size, "num_cpus": pool.num_cpus,
-              **_thread_env(pool.threads, pool.num_cpus), "max_restarts": -1, "max_task_retries": ACTOR_TASK_RETRIES}
+              **_thread_env(pool.threads, pool.num_cpus), "max_task_retries": ACTOR_TASK_RETRIES}
     if pool.num_gpus:
         kwargs["num_gpus"] = pool.num_gpus
     if pool.resources:
@@ -120,6 +122,17 @@ def map_batches_kwargs(pool: PoolConfig) -> dict:
     if pool.accelerator_type:
         kwargs["accelerator_type"] = pool.accelerator_type
     return kwargs
+
+
+def map_on_pool(ds, fn, kwargs: dict, **more):
+    """`ds.map_batches(fn, **kwargs, **more)` with `kwargs` from map_batches_kwargs, without Ray's warning that
+    `ray_remote_args` (here only max_task_retries, see ACTOR_TASK_RETRIES) is deprecated."""
+    import warnings
+
+    from ray.util.annotations import RayDeprecationWarning
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=RayDeprecationWarning)
+        return ds.map_batches(fn, **kwargs, **more)
 
 
 # Shard writes are small I/O. At Ray's default of a whole CPU, the write waited for the actor pools to release

@@ -12,7 +12,7 @@ from pathlib import Path
 from actors.common.errors import InputError
 from actors.common.objects import POPE_SUFFIX
 from actors.sampling import AnswerSampler, SamplerConfig
-from cluster.resources import PoolConfig, map_batches_kwargs, task_kwargs
+from cluster.resources import PoolConfig, map_batches_kwargs, map_on_pool, task_kwargs
 from pipelines.evaluate.pope import load_questions, parse_pope_answer, pope_metrics
 
 
@@ -57,8 +57,8 @@ def answer_questions(rows: list[dict], image_dir: Path, sampler: SamplerConfig, 
     ds = ray.data.from_arrow(table).repartition(n_blocks)
     ds = ds.map_batches(_read_images, fn_kwargs={"image_dir": str(image_dir)}, batch_format="pyarrow",
                         **task_kwargs(0.25))
-    ds = ds.map_batches(AnswerSampler, fn_constructor_kwargs={"cfg": sampler, "threads": pool.threads},
-                        batch_format="pyarrow", **map_batches_kwargs(pool))
+    ds = map_on_pool(ds, AnswerSampler, map_batches_kwargs(pool), batch_format="pyarrow",
+                     fn_constructor_kwargs={"cfg": sampler, "threads": pool.threads})
     out = {}
     for batch in ds.select_columns(["pair_key", "answers"]).iter_batches(batch_format="pyarrow"):
         for key, answers in zip(batch.column("pair_key").to_pylist(), batch.column("answers").to_pylist()):

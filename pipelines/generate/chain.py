@@ -14,7 +14,7 @@ from pathlib import Path
 
 from actors.common.guard import FAULTS_ENV
 from actors.contract import PROMPT_COLUMNS, STAGES, check_chain
-from cluster.resources import PoolConfig, map_batches_kwargs
+from cluster.resources import PoolConfig, map_batches_kwargs, map_on_pool
 
 
 @dataclass
@@ -121,10 +121,9 @@ def build_pipeline(cfg, prompts, vocab, stages=STAGES, swap: dict | None = None,
             kwargs.setdefault("runtime_env", {}).setdefault("env_vars", {})[FAULTS_ENV] = json.dumps(
                 {**dataclasses.asdict(cfg.faults),
                  "marker_dir": cfg.faults.marker_dir or str(Path(cfg.output_dir, ".faults"))})
-        ds = ds.map_batches(named_chain(step.name), fn_constructor_kwargs={"parts": step.parts,
-                                                                           "threads": step.pool.threads,
-                                                                           "startup_dir": startup_dir},
-                            batch_format="pyarrow", **kwargs)
+        ds = map_on_pool(ds, named_chain(step.name), kwargs, batch_format="pyarrow",
+                         fn_constructor_kwargs={"parts": step.parts, "threads": step.pool.threads,
+                                                "startup_dir": startup_dir})
     return ds
 
 

@@ -1,7 +1,15 @@
-"""How a pool is scheduled: the keyword arguments `map_batches` gets (no Ray needed)."""
+"""How a pool is scheduled: the keyword arguments `map_batches` gets."""
 from __future__ import annotations
 
-from cluster.resources import PoolConfig, map_batches_kwargs
+import inspect
+import warnings
+
+from cluster.resources import (
+    ACTOR_TASK_RETRIES,
+    PoolConfig,
+    map_batches_kwargs,
+    map_on_pool,
+)
 
 
 def test_no_runtime_env_when_threads_match_rays_default():
@@ -12,4 +20,33 @@ def test_no_runtime_env_when_threads_match_rays_default():
     env = map_batches_kwargs(PoolConfig(num_cpus=0.9, threads=2))["runtime_env"]["env_vars"]
     assert env == {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
     kwargs = map_batches_kwargs(PoolConfig(size=2, batch_size=4, num_cpus=0.9, num_gpus=0.5))
-    assert (kwargs["batch_size"], kwargs["num_cpus"], kwargs["num_gpus"], kwargs["max_restarts"]) == (4, 0.9, 0.5, -1)
+    assert (kwargs["batch_size"], kwargs["num_cpus"], kwargs["num_gpus"]) == (4, 0.9, 0.5)
+
+
+def test_pool_args_are_named_but_the_retry_bound(ray_local):
+    """Every pool option but max_task_retries is a named map_batches parameter (the rest of **ray_remote_args is
+    deprecated in Ray 2.60); map_on_pool passes it without the warning, and the actors still get Ray Data's
+    restart-forever default with our bounded retries."""
+    import ray.data
+    from ray.data._internal.execution.operators.actor_pool_map_operator import (
+        ActorPoolMapOperator,
+    )
+    from ray.util.annotations import RayDeprecationWarning
+    pool = PoolConfig(size=1, max_size=2, num_cpus=0.9, threads=2, num_gpus=0.5, resources={"vram": 1.0},
+                      accelerator_type="A100")
+    kwargs = map_batches_kwargs(pool)
+    named = set(inspect.signature(ray.data.Dataset.map_batches).parameters)
+    assert set(kwargs) - named == {"max_task_retries"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RayDeprecationWarning)
+        ds = map_on_pool(ray.data.range(4), _Same, kwargs, batch_format="pyarrow")
+    remote = ds._logical_plan.dag.ray_remote_args
+    assert (remote["num_gpus"], remote["resources"], remote["accelerator_type"]) == (0.5, {"vram": 1.0}, "A100")
+    assert remote["runtime_env"]["env_vars"]["OMP_NUM_THREADS"] == "2"
+    applied = ActorPoolMapOperator._apply_default_remote_args(remote, ray.data.DataContext.get_current())
+    assert (applied["max_restarts"], applied["max_task_retries"]) == (-1, ACTOR_TASK_RETRIES)
+
+
+class _Same:
+    def __call__(self, batch):
+        return batch
