@@ -115,7 +115,8 @@ def markdown(r: dict) -> str:
                   f"{v['full']['peak_rss_mb']} MB)", _target("scale", "finalize_rss_ratio"),
                   met("scale", "finalize_rss_ratio", s["finalize_rss_ratio"])),
                  ("scale", f"finalize of one {v['shard_rows']}-row shard on top of {v['pairs']} pairs / alone "
-                  "(CPU s, median)", f"{v['resume_ratio']}× ({v['resume_cpu_s']} s vs {v['alone_cpu_s']} s)",
+                  "(CPU s, median of back-to-back pairs)", f"{v['resume_ratio']}× (pairs {v.get('resume_pair_ratios')}; "
+                  f"medians {v['resume_cpu_s']} s vs {v['alone_cpu_s']} s)",
                   _target("scale", "resume_ratio"), met("scale", "resume_ratio", v["resume_ratio"])),
                  ("scale", f"training data folder / pairs Parquet, {s['runs'][-1]['pairs']} pairs",
                   f"{s['train_data_ratio']}× ({s['runs'][-1]['train_data_mb']} MB / {s['runs'][-1]['parquet_mb']} MB)",

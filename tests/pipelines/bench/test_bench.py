@@ -156,6 +156,16 @@ def test_views_bench_folds_a_resume_shard_on_top_and_alone(tmp_path):
     assert not list(tmp_path.iterdir())  # the bench's folders are removed once measured
 
 
+def test_resume_ratio_is_the_median_of_back_to_back_pairs():
+    # The CPU-s of the 16K-pair run (2026-12-02): the second pair ran under another load than its neighbours.
+    from pipelines.bench.scale import resume_figures
+    resumes = [{"cpu_seconds": c, "seconds": c} for c in (0.099, 0.445, 0.433)]
+    alones = [{"cpu_seconds": c, "seconds": c} for c in (0.067, 0.069, 0.335)]
+    f = resume_figures(resumes, alones)
+    assert f["resume_pair_ratios"] == [1.48, 6.45, 1.29] and f["resume_ratio"] == 1.48
+    assert f["resume_ratio_of_medians"] == 6.28
+
+
 def test_streaming_target_follows_the_prompt_count():
     # Issue 17: >= 1.4x the loop at 512 prompts, >= 1.7x from 2,048; the same ratio passes one and fails the other.
     from pipelines.bench.suite import markdown
