@@ -137,14 +137,11 @@ def cluster_child(a: dict) -> dict:
     from ray.cluster_utils import Cluster
 
     from actors.prompts import load_prompts
+    from actors.rewards import load_vocab
     from cluster.connect import connect
     from pipelines.config import load_config
-    from pipelines.generate.job import (
-        build_pipeline,
-        load_vocab,
-        prompt_table,
-        write_scored,
-    )
+    from pipelines.generate.chain import build_pipeline, prompt_table
+    from pipelines.generate.job import write_scored
     work = Path(a["out"])
     shutil.rmtree(work, ignore_errors=True)
     (work / "log").mkdir(parents=True)
