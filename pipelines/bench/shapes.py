@@ -8,8 +8,11 @@ library calls as `synthalign run` (generate -> DPO on Ray Train -> `world_eval`)
 the seed. Prints a table and checks the targets of issue 8: the adapter beats the base on every seed, POPE
 accuracy +5 points on average, CHAIR_i -30% relative on average, each run (pretraining included) under 15
 minutes. Writes <out>/bench.json. Exit code 0 when every target is met, 1 otherwise. An iterative config
-(`rounds` > 1, e.g. configs/shapes-rounds.yaml) prints a table per round first; the targets are checked on the
-last round's adapter.
+(`rounds` > 1, e.g. configs/shapes-rounds.yaml) prints a table per round first, then checks issue 18's rounds
+target (`rounds_verdict`, which decides the exit code there) and the one-round targets on the last round's adapter.
+A seed's minutes count its base's recorded build (`pretrain.json`), also when the base was cached.
+
+    python -m pipelines.bench.shapes --reread runs/shapes-bench/bench.json   # verdicts of a saved run, no Ray
 """
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ import time
 from pathlib import Path
 
 TARGETS = {"pope_gain_points": 5.0, "chair_i_relative_drop": 0.30, "run_minutes": 15.0}
+# Issue 18, "does a second round help?": round 2 against round 1 on every seed; minutes are all rounds of a seed.
+ROUNDS_TARGETS = {"pope_gain_points": 2.0, "run_minutes": 25.0}
 
 
 def run_seed(config: str, seed: int, out: Path, models: Path, overrides: list[str], log=print) -> dict:
@@ -103,6 +108,55 @@ def verdict(rows: list[dict]) -> dict:
             "mean_chair_i_relative_drop": mean(drops), "run_minutes": minutes, "checks": checks}
 
 
+def rounds_verdict(rows: list[dict]) -> dict | None:
+    """Round 2's adapter against round 1's on every seed (None unless every row has both): POPE accuracy higher,
+    +2 points on average, CHAIR_i no higher; each seed's total (recorded base build + all rounds) < 25 minutes."""
+    if not rows or not all({1, 2} <= {m["round"] for m in r.get("rounds", [])} for r in rows):
+        return None
+    seeds = []
+    for r in rows:
+        one, two = ({m["round"]: m for m in r["rounds"]}[k] for k in (1, 2))
+        gain = 100 * (two["pope"]["accuracy"] - one["pope"]["accuracy"])
+        ci = [one["chair"]["chair_i"], two["chair"]["chair_i"]]
+        minutes = r["seconds"]["total"] / 60
+        seeds.append({"seed": r["seed"], "pope_gain_points": gain, "chair_i": ci, "chair_i_change": ci[1] - ci[0],
+                      "minutes": minutes, "base_build_minutes": r["seconds"].get("pretrain", 0.0) / 60,
+                      "met": {"pope": gain > 0, "chair_i": ci[1] <= ci[0],
+                              "minutes": minutes < ROUNDS_TARGETS["run_minutes"]}})
+    mean = sum(s["pope_gain_points"] for s in seeds) / len(seeds)
+    checks = {"round 2 beats round 1 on POPE on every seed": all(s["met"]["pope"] for s in seeds),
+              f"POPE +{ROUNDS_TARGETS['pope_gain_points']:g} points on average (round 2 - round 1)":
+                  mean >= ROUNDS_TARGETS["pope_gain_points"],
+              "CHAIR_i no worse in round 2 on every seed": all(s["met"]["chair_i"] for s in seeds),
+              f"every seed, all rounds and its recorded base build, under {ROUNDS_TARGETS['run_minutes']:g} minutes":
+                  all(s["met"]["minutes"] for s in seeds)}
+    return {"seeds": seeds, "mean_pope_gain_points": mean, "checks": checks, "met": all(checks.values())}
+
+
+def rounds_verdict_table(rv: dict) -> str:
+    head = "| seed | round 2 - round 1 (POPE points) | CHAIR_i round 1 → 2 | minutes (base build) | met |"
+    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+    for s in rv["seeds"]:
+        missed = [k for k, ok in s["met"].items() if not ok]
+        lines.append(f"| {s['seed']} | {s['pope_gain_points']:+.1f} | {s['chair_i'][0]:.3f} → {s['chair_i'][1]:.3f} | "
+                     f"{s['minutes']:.1f} ({s['base_build_minutes']:.1f}) | "
+                     f"{'yes' if not missed else 'no: ' + ', '.join(missed)} |")
+    lines.append(f"\nmean: round 2 - round 1 {rv['mean_pope_gain_points']:+.1f} POPE points")
+    lines += [f"[{'x' if ok else ' '}] {name}" for name, ok in rv["checks"].items()]
+    return "\n".join(lines)
+
+
+def report(rows: list[dict]) -> tuple[str, bool]:
+    """The printout and whether the bench's target is met: the rounds target for an iterative run, else one round's."""
+    v, rv = verdict(rows), rounds_verdict(rows)
+    text = table(rows, v)
+    if all("rounds" in r for r in rows):
+        text = rounds_table(rows) + "\n\nlast round against the base:\n" + text
+    if rv is not None:
+        text += "\n\nround 2 against round 1 (issue 18's rounds target):\n" + rounds_verdict_table(rv)
+    return text, rv["met"] if rv is not None else all(v["checks"].values())
+
+
 def table(rows: list[dict], v: dict) -> str:
     head = ("| seed | POPE acc base | POPE acc adapter | Δ points | yes ratio base→adapter | CHAIR_i base | "
             "CHAIR_i adapter | Δ rel | CHAIR_s base→adapter | caption coverage base→adapter | pairs | minutes |")
@@ -125,7 +179,7 @@ def write_bench(out: Path, rows: list[dict], args) -> None:
     done = {r["seed"] for r in rows}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "bench.json", json.dumps({
-        "rows": rows, "verdict": verdict(rows), "config": args.config, "overrides": args.overrides,
+        "rows": rows, "verdict": verdict(rows), "rounds_verdict": rounds_verdict(rows), "config": args.config, "overrides": args.overrides,
         "pending": [s for s in args.seeds if s not in done]}, indent=2))
 
 
@@ -136,7 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/shapes-bench")
     p.add_argument("--models", default=".synthalign/shapes-bench", help="pretrained bases, one folder per seed")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--reread", metavar="BENCH_JSON", help="print the verdicts of a saved run's rows with this code")
     args = p.parse_args(argv)
+    if args.reread:
+        text, met = report(json.loads(Path(args.reread).read_text())["rows"])
+        print(text)
+        return 0 if met else 1
     import ray
 
     from cluster.connect import connect
@@ -158,11 +217,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"seed {seed}: {json.dumps(rows[-1]['seconds'])}", flush=True)
         # Written after every seed: a long run stopped part way still leaves the seeds it finished.
         write_bench(out, rows, args)
-    v = verdict(rows)
-    if all("rounds" in r for r in rows):
-        print(rounds_table(rows) + "\n\nlast round against the base:")
-    print(table(rows, v))
-    return 0 if all(v["checks"].values()) else 1
+    text, met = report(rows)
+    print(text)
+    return 0 if met else 1
 
 
 if __name__ == "__main__":

@@ -61,3 +61,51 @@ def test_bench_json_holds_the_seeds_finished_so_far(tmp_path):
     data = json.loads((tmp_path / "bench.json").read_text())
     assert data["pending"] == [4, 5] and [r["seed"] for r in data["rows"]] == [3]
     assert abs(data["verdict"]["pope_gain_points"][0] - 10) < 1e-9 and data["verdict"]["checks"]
+
+
+def seed_row(seed, acc1, acc2, ci1, ci2, minutes=10.0):
+    """A rounds row from hand-made numbers: base, round 1 and round 2 (the last, so also the adapter)."""
+    rounds = [{"round": r, **metrics(acc, 0.5, ci, 0.2, 0.9), "pairs": 100, "train_steps": 10, "seconds": 60.0}
+              for r, acc, ci in ((1, acc1, ci1), (2, acc2, ci2))]
+    return {"seed": seed, "base": metrics(0.70, 0.7, 0.20, 0.4, 0.8), "adapter": rounds[-1], "rounds": rounds,
+            "pairs": 200, "seconds": {"pretrain": 120.0, "total": 60 * minutes}}
+
+
+def test_rounds_verdict_checks_round_2_against_round_1_on_every_seed():
+    from pipelines.bench.shapes import report, rounds_verdict
+    good = [seed_row(0, 0.80, 0.84, 0.10, 0.08), seed_row(1, 0.75, 0.79, 0.12, 0.12)]
+    rv = rounds_verdict(good)
+    assert rv["met"] and [round(s["pope_gain_points"], 6) for s in rv["seeds"]] == [4.0, 4.0]
+    assert abs(rv["mean_pope_gain_points"] - 4.0) < 1e-9 and rv["seeds"][1]["chair_i_change"] == 0.0
+    assert report(good)[1] is True
+    # One seed where round 2 loses 1 point: the mean is still +2.3 but "every seed" fails.
+    one_fails = good + [seed_row(2, 0.80, 0.79, 0.10, 0.09)]
+    rv = rounds_verdict(one_fails)
+    assert not rv["met"] and rv["seeds"][2]["met"] == {"pope": False, "chair_i": True, "minutes": True}
+    assert [name for name, ok in rv["checks"].items() if not ok] == ["round 2 beats round 1 on POPE on every seed"]
+    # CHAIR_i up on one seed, POPE fine everywhere: not met; the printout names the seed's miss.
+    rise = [good[0], seed_row(1, 0.75, 0.79, 0.12, 0.13)]
+    rv = rounds_verdict(rise)
+    assert not rv["met"] and [s["met"]["chair_i"] for s in rv["seeds"]] == [True, False]
+    text, met = report(rise)
+    assert not met and "| 1 | +4.0 | 0.120 → 0.130 | 10.0 (2.0) | no: chair_i |" in text
+    # A mean gain under 2 points, and a seed over 25 minutes counting its base build, each fail on their own.
+    assert not rounds_verdict([seed_row(0, 0.80, 0.81, 0.1, 0.1)])["met"]
+    slow = rounds_verdict([seed_row(0, 0.80, 0.83, 0.1, 0.1, minutes=26.0)])
+    assert not slow["met"] and slow["seeds"][0]["met"]["minutes"] is False
+    # A one-round run has no rounds verdict; its exit follows the one-round targets.
+    flat = {k: v for k, v in good[0].items() if k != "rounds"}
+    assert rounds_verdict([flat]) is None and report([flat])[1] is True
+
+
+def test_reread_prints_the_verdicts_of_a_saved_bench_json(tmp_path, capsys):
+    import argparse
+    import json
+
+    from pipelines.bench.shapes import main, write_bench
+    rows = [seed_row(0, 0.80, 0.83, 0.10, 0.08), seed_row(1, 0.75, 0.78, 0.12, 0.13)]
+    write_bench(tmp_path, rows, argparse.Namespace(seeds=[0, 1], config="configs/shapes-rounds.yaml", overrides=[]))
+    saved = json.loads((tmp_path / "bench.json").read_text())["rounds_verdict"]
+    assert [s["met"]["chair_i"] for s in saved["seeds"]] == [True, False] and saved["met"] is False
+    assert main(["--reread", str(tmp_path / "bench.json")]) == 1
+    assert "[ ] CHAIR_i no worse in round 2 on every seed" in capsys.readouterr().out
