@@ -244,6 +244,7 @@ def load_prompts(cfg: PromptsConfig, mentions=None) -> list[dict]:
     check_prompts(cfg)
     return [row for row, _ in iter_prompts(cfg, mentions)]
 
+
 def candidate_seed(prompt_id: str, k: int, base_seed: int = 0) -> int:
     """Seed of candidate k of a prompt: a rerun renders the same bytes, whatever the batching."""
     return stable_seed(base_seed, prompt_id, k)

@@ -33,14 +33,11 @@ def read_user_text(path: str | Path, what: str = "file", *, rows: bool = True) -
 def read_user_lines(path: str | Path, what: str = "file") -> list[str]:
     """The file's lines, split on "\\n" only ("\\r\\n" too): str.splitlines would also split on U+2028 and other
     characters JSON allows inside strings, and row numbers would drift from the ones decoding errors give."""
-    lines = read_user_text(path, what).split("\n")
-    if lines[-1] == "":
-        lines.pop()
-    return [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
+    return [text for _, text, _ in iter_user_lines(path, what)]
 
 
 def iter_user_lines(path: str | Path, what: str = "file", start: int = 0, first_line: int = 1):
-    """`read_user_lines` one line at a time: (line number, text, byte offset after the line), from byte `start`
+    """A user's text file's lines one at a time: (line number, text, byte offset after the line), from byte `start`
     (which begins line `first_line`). Same lines, same errors (a bad byte names its line), O(1) memory."""
     try:
         f = open(path, "rb")
