@@ -128,7 +128,7 @@ def fold_rows(t, good_seen: set, errors: dict) -> dict:
         rows = _explode_candidates(good.select(list(CANDIDATE_SOURCE)).to_pylist())
     else:
         kept, answers, rows = good, 0, []
-    return {"keys": good.column("pair_key").to_pylist(), "prompt_ids": good.column("prompt_id").to_pylist(),
+    return {"keys": good.column("pair_key"), "prompt_ids": good.column("prompt_id"),
             "pairs": kept.select([c for c in PAIR_COLUMNS + LINEAGE_COLUMNS if c in kept.column_names]),
             "candidates": pa.Table.from_pylist(rows, schema=_schemas()), "answers": answers,
             "duplicates": duplicates, "dropped": dropped}

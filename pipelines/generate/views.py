@@ -107,13 +107,14 @@ def folded_key_files(out: Path, shard_names: set[str]) -> tuple[set[str], list[P
 
 
 def _read_keys(out: Path, state: dict):
-    """The folded good keys (a set) and their prompt ids (a set), from the key index files."""
+    """The folded good keys (a set: each shard's rows are checked against it) and their prompt ids (Arrow
+    columns, only counted: no Python string per pair beyond the one the rules need)."""
     import pyarrow.parquet as pq
-    keys, prompts = set(), set()
+    keys, prompts = set(), []
     for name in state["key_files"]:
         t = pq.read_table(out / STATE_DIR / name)
         keys.update(t.column("pair_key").to_pylist())
-        prompts.update(t.column("prompt_id").to_pylist())
+        prompts.append(t.column("prompt_id"))
     return keys, prompts
 
 
@@ -140,7 +141,7 @@ def fold(out: Path, rows_per_file: int, shards: list[Path], fold_rows) -> dict:
     if fresh:
         state = {"version": 1, "folded": [], "next_part": {"pairs": 0, "candidates": 0}, "key_files": [],
                  "counts": {"answers": 0, "pairs": 0, "dropped": {}, "duplicates_skipped": 0}, "pending": []}
-        good_seen, prompts, errors = set(), set(), {}
+        good_seen, prompts, errors = set(), [], {}
     else:
         good_seen, prompts = _read_keys(out, state)
         errors = _read_errors(out)
@@ -157,8 +158,8 @@ def fold(out: Path, rows_per_file: int, shards: list[Path], fold_rows) -> dict:
     new_keys, new_pids, counts = [], [], state["counts"]
     for f in new:
         split = fold_rows(pq.read_table(f), good_seen, errors)
-        new_keys += split["keys"]
-        new_pids += split["prompt_ids"]
+        new_keys.append(split["keys"])
+        new_pids.append(split["prompt_ids"])
         parts["pairs"].add(split["pairs"])
         parts["candidates"].add(split["candidates"])
         counts["answers"] += split["answers"]
@@ -181,13 +182,13 @@ def fold(out: Path, rows_per_file: int, shards: list[Path], fold_rows) -> dict:
             pq.write_table(pa.Table.from_pylist(list(errors.values()), schema=_error_schema()),
                            tmp / "part-00000.parquet")
         pending.append((tmp, out / "errors"))
-    if new_keys:
+    if sum(len(k) for k in new_keys):
         name = f"keys-{len(state['key_files']):05d}.parquet"
         (out / STATE_DIR).mkdir(exist_ok=True)
-        pq.write_table(pa.table({"pair_key": pa.array(new_keys, pa.string()),
-                                 "prompt_id": pa.array(new_pids, pa.string())}), out / STATE_DIR / name)
+        keys = pa.table({"pair_key": _strings(new_keys), "prompt_id": _strings(new_pids)})
+        pq.write_table(keys, out / STATE_DIR / name)
         state["key_files"].append(name)
-        prompts.update(new_pids)
+        prompts.append(keys.column("prompt_id"))
     state["folded"] += [f.name for f in new]
     state["pending"] = [[str(a.relative_to(out)), str(b.relative_to(out))] for a, b in pending]
     _commit(out, state)  # the commit point: before it the old views stand, after it the new ones
@@ -195,9 +196,19 @@ def fold(out: Path, rows_per_file: int, shards: list[Path], fold_rows) -> dict:
     return _counts(state, good_seen, prompts, errors)
 
 
-def _counts(state: dict, good_seen: set, prompts: set, errors: dict) -> dict:
+def _strings(columns: list):
+    """Arrow string columns (arrays or chunked arrays, any string type) as one chunked array of `string`."""
+    import pyarrow as pa
+    chunks = [c for col in columns for c in (col.chunks if isinstance(col, pa.ChunkedArray) else [col])]
+    return pa.chunked_array([c.cast(pa.string()) for c in chunks], pa.string())
+
+
+def _counts(state: dict, good_seen: set, prompts: list, errors: dict) -> dict:
+    import pyarrow as pa
+    import pyarrow.compute as pc
     c = state["counts"]
-    return {"prompts": len(prompts | {e["prompt_id"] for e in errors.values()}),
+    pids = _strings([*prompts, pa.array([e["prompt_id"] for e in errors.values()], pa.string())])
+    return {"prompts": pc.count_distinct(pids).as_py(),
             "questions": len(good_seen) + len(errors), "answers": c["answers"], "pairs": c["pairs"],
             "dropped": dict(sorted(c["dropped"].items())), "errors": len(errors),
             "duplicates_skipped": c["duplicates_skipped"]}
