@@ -72,6 +72,7 @@ def test_resume_folds_only_the_new_shard_and_equals_a_full_rebuild(tmp_path, sha
     write_shard(out / "scored", 1, shards[1])
     first = finalize(out, 2)
     assert first["duplicates_skipped"] == 1 and first["errors"] == 3 and first["pairs"] == 2
+    assert first["prompts"] == 5 and first["questions"] == 6  # p2, p3: prompts with failed rows only
     before = {v: file_stats(out, v) for v in ("pairs", "candidates")}
 
     write_shard(out / "scored", 2, shards[2])
