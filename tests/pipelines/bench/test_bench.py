@@ -24,12 +24,17 @@ def results(tiny_models, ray_local, tmp_path_factory):
 def test_streaming_keys_and_values(results):
     _, r = results
     s = r["streaming"]
-    for key in ("loop_seconds", "pipeline_seconds", "loop_prompts_per_s", "pipeline_prompts_per_s", "ratio",
-                "loop_cpu_seconds", "pipeline_cpu_seconds"):
+    for key in ("loop_seconds", "loop_command_seconds", "pipeline_seconds", "loop_prompts_per_s",
+                "pipeline_prompts_per_s", "ratio", "loop_cpu_seconds", "pipeline_cpu_seconds"):
         assert _number(s[key]) and s[key] > 0, key
     assert s["prompts"] == 8
+    # the loop ran as a command: its wall holds a fresh Python's imports and start on top of its own timing
+    assert s["loop_command_seconds"] > s["loop_seconds"] + 0.5
     # ratios are rounded to 3 decimals (abs 5e-4), the seconds to 2: a slow pipeline's small ratio needs the abs
-    assert s["ratio"] == pytest.approx(s["loop_seconds"] / s["pipeline_seconds"], rel=0.01, abs=1e-3)
+    assert s["ratio"] == pytest.approx(s["loop_command_seconds"] / s["pipeline_seconds"], rel=0.01, abs=1e-3)
+    assert s["ratio_loop_after_imports"] == pytest.approx(s["loop_seconds"] / s["pipeline_seconds"], rel=0.01,
+                                                          abs=1e-3)
+    assert s["ratio_with_ray_start"] <= s["ratio"]
     assert s["cpu_ratio"] == pytest.approx(s["pipeline_cpu_seconds"] / s["loop_cpu_seconds"], rel=0.05)
     assert s["loop_import_cpu_seconds"] == 0 and s["meter_own_cpu_seconds"] >= 0
     # the chain actors' start (process, imports, model loads) is part of the pipeline's CPU
