@@ -79,12 +79,13 @@ def import_cpu_seconds() -> float:
 
 
 def bench_streaming(work: Path, tiny: Path, n_prompts: int = 2048, overrides=(), batch: int = 4,
-                    loop_threads: int | None = 1, loop_imports: bool = True) -> dict:
+                    loop_threads: int | None = 1, loop_imports: bool = True, ray_start_s: float | None = None) -> dict:
     """Pipeline vs the plain loop (loop.py, `batch` prompts per model call, `loop_threads` torch threads: its
     best here) on the same prompt rows, back to back (the loop first, as a command: run_loop_command). Two
     ratios: against the loop's command (`ratio`: a user's script pays its imports; the pipeline runs on a Ray
     that is up, as on a cluster) and against its wall after the imports (`ratio_loop_after_imports`).
-    `loop_imports`: also measure the imports alone (a Python subprocess, several CPU-s)."""
+    `loop_imports`: also measure the imports alone (a Python subprocess, several CPU-s). `ray_start_s`: the
+    seconds a local Ray took to start (the caller's), for a third ratio: a command that starts Ray first."""
     from pipelines.folder import RunFolder
     from pipelines.generate.job import prepare, run_generate
     cfg = tiny_run_config(work / "stream-pipeline", tiny, n_prompts, overrides)
@@ -108,8 +109,9 @@ def bench_streaming(work: Path, tiny: Path, n_prompts: int = 2048, overrides=(),
             "pipeline_prompts_per_s": round(n_prompts / pipe_s, 3),
             "ratio": round(loop["command_seconds"] / pipe_s, 3),
             "ratio_loop_after_imports": round(loop["seconds"] / pipe_s, 3),
-            # what a user waits for when `synthalign generate` also starts a local Ray (measured by the CLI)
-            "ratio_with_ray_start": round(loop["command_seconds"] / (pipe_s + timings.get("ray_start", 0.0)), 3),
+            **({"ray_start_seconds": round(ray_start_s, 2),
+                "ratio_with_ray_start": round(loop["command_seconds"] / (pipe_s + ray_start_s), 3)}
+               if ray_start_s is not None else {}),
             "loop_cpu_seconds": round(loop_cpu.seconds, 1), "pipeline_cpu_seconds": round(pipe_cpu.seconds, 1),
             "cpu_ratio": round(pipe_cpu.seconds / max(loop_cpu.seconds, 1e-9), 3),
             "loop_import_cpu_seconds": imports, "meter_own_cpu_seconds": round(pipe_cpu.own, 1),

@@ -21,8 +21,9 @@ BENCHMARKS = ("streaming", "scaling", "training", "cluster", "scale")
 
 def run_bench(out: Path, only=BENCHMARKS, tiny: Path | None = None, prompts: int = 2048, sizes=(500, 2250),
               train_steps: int = 30, sim: dict | None = None, scale: dict | None = None,
-              loop_imports: bool = True) -> dict:
-    """Run the selected benchmarks (Ray must be connected for all but `cluster`); writes JSON and markdown."""
+              loop_imports: bool = True, ray_start_s: float | None = None) -> dict:
+    """Run the selected benchmarks (Ray must be connected for all but `cluster`); writes JSON and markdown.
+    `ray_start_s`: how long the caller's ray.init took (a local Ray), for the streaming ratio with it."""
     out = Path(out)
     work, tiny = out / "work", Path(tiny or out / "tiny")
     work.mkdir(parents=True, exist_ok=True)
@@ -31,7 +32,7 @@ def run_bench(out: Path, only=BENCHMARKS, tiny: Path | None = None, prompts: int
         t0 = time.time()
         if name == "streaming":
             from pipelines.bench.streaming import bench_streaming
-            results[name] = bench_streaming(work, tiny, prompts, loop_imports=loop_imports)
+            results[name] = bench_streaming(work, tiny, prompts, loop_imports=loop_imports, ray_start_s=ray_start_s)
         elif name == "scaling":
             from pipelines.bench.streaming import bench_scaling
             results[name] = bench_scaling(work, tiny, sizes)

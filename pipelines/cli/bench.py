@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -26,9 +27,17 @@ def cmd_bench(args) -> int:
     unknown = [x for x in only if x not in BENCHMARKS]
     if unknown:
         raise InputError(f"unknown benchmark(s) {unknown} (known: {', '.join(BENCHMARKS)})", field="--only")
+    ray_start_s = None
     if set(only) - {"cluster"}:  # the cluster simulation starts its own Ray in a subprocess
+        import time
+
+        import ray
+
         from cluster.connect import connect
+        t0, fresh = time.time(), not ray.is_initialized()
         connect(args.address)
+        if fresh and not (args.address or os.environ.get("RAY_ADDRESS")):   # a local Ray this command started
+            ray_start_s = time.time() - t0
     sim = {"prompts": args.sim_prompts, "scale": args.cost_scale, "gpus": args.gpus, "nodes": args.nodes,
            "shape": _shape(args.shape)}
     results = run_bench(args.out, only, tiny=args.tiny, prompts=args.prompts, sizes=_ints(args.scaling_sizes),
@@ -37,7 +46,8 @@ def cmd_bench(args) -> int:
                                "fold_pairs": args.scale_fold_pairs,
                                "gen": {"sim": _ints(args.scale_gen_sim), "real": _ints(args.scale_gen_real),
                                        "prompt_s": args.scale_gen_prompt_s,
-                                       "sim_overrides": [f"rows_per_shard={args.scale_gen_sim_shard_rows}"]}})
+                                       "sim_overrides": [f"rows_per_shard={args.scale_gen_sim_shard_rows}"]}},
+                        ray_start_s=ray_start_s)
     print(json.dumps(results, indent=2))
     print(f"-> {args.out}/results.json, {args.out}/results.md")
     return 0

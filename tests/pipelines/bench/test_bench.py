@@ -34,7 +34,7 @@ def test_streaming_keys_and_values(results):
     assert s["ratio"] == pytest.approx(s["loop_command_seconds"] / s["pipeline_seconds"], rel=0.01, abs=1e-3)
     assert s["ratio_loop_after_imports"] == pytest.approx(s["loop_seconds"] / s["pipeline_seconds"], rel=0.01,
                                                           abs=1e-3)
-    assert s["ratio_with_ray_start"] <= s["ratio"]
+    assert "ratio_with_ray_start" not in s   # Ray was up before the bench (ray_local): no start to count
     assert s["cpu_ratio"] == pytest.approx(s["pipeline_cpu_seconds"] / s["loop_cpu_seconds"], rel=0.05)
     assert s["loop_import_cpu_seconds"] == 0 and s["meter_own_cpu_seconds"] >= 0
     # the chain actors' start (process, imports, model loads) is part of the pipeline's CPU
