@@ -97,13 +97,16 @@ def named_chain(name: str) -> type:
 
 
 def rows_per_block(cfg, n_prompts: int) -> int:
-    """Prompts per Ray Data block: 1 to 4 images batches, about 8 blocks per image actor (a balanced finish), and
-    at most ~1,000 blocks for the driver to track. Each block costs a prompt-rows task, an actor call and the
-    driver's bookkeeping: blocks of one batch spent ~2x the CPU of blocks of four outside the actors
-    (BENCHMARKS.md, "Fewer, larger blocks"); four batches per block delay the first pair by ~one block's work."""
+    """Prompts per Ray Data block, at most ~1,000 blocks for the driver to track. Per-stage pools get one images
+    batch per block, so every later pool is fed from the first rows on (`plan` predicts with that flow). The fused
+    chain is one pool: 1 to 4 batches, about 8 blocks per actor (a balanced finish). Each block costs a
+    prompt-rows task, an actor call and the driver's bookkeeping: on the CPU chain blocks of one batch spent ~2x
+    the CPU of blocks of four outside the actors (BENCHMARKS.md, "Fewer, larger blocks")."""
     pool = cfg.pool("images")
-    per_actor = -(-n_prompts // (8 * pool.size))
-    return max(-(-n_prompts // 1000), min(4 * pool.batch_size, max(pool.batch_size, per_actor)))
+    size = pool.batch_size
+    if cfg.fuse:
+        size = min(4 * pool.batch_size, max(pool.batch_size, -(-n_prompts // (8 * pool.size))))
+    return max(-(-n_prompts // 1000), size)
 
 
 def build_pipeline(cfg, prompts, vocab, stages=STAGES, swap: dict | None = None, startup_dir: str | None = None):

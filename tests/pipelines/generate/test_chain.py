@@ -60,3 +60,10 @@ def test_blocks_grow_with_the_run_from_one_to_four_image_batches(n_prompts, size
     from pipelines.generate.chain import rows_per_block
     assert rows_per_block(tiny(), n_prompts) == size
     assert -(-n_prompts // size) <= 1000
+
+
+def test_per_stage_pools_keep_one_images_batch_per_block():
+    # fuse: false (paper.yaml's shape): every later pool gets rows as soon as one images batch is through
+    from pipelines.generate.chain import rows_per_block
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["output_dir=x", "fuse=false"])
+    assert [rows_per_block(cfg, n) for n in (24, 512, 2048, 100_000)] == [4, 4, 4, 100]
