@@ -7,14 +7,18 @@ from dataclasses import dataclass
 from actors.common.errors import Problem
 from actors.common.guard import guarded
 from actors.common.metrics import MARGIN_BOUNDARIES, count, observe
+from actors.common.objects import is_existence_question
 from actors.common.runtime import with_columns
 
-DROP_REASONS = ("too_few_answers", "identical", "below_margin", "non_finite_reward")
+DROP_REASONS = ("too_few_answers", "identical", "below_margin", "non_finite_reward", "coverage_only")
 
 
 @dataclass
 class PairsConfig:
     min_margin: float = 0.0            # in combined-reward units (z-scores weighted)
+    # Drop a pair of an open question (a caption, not "Is there a X ...?") whose two answers hallucinate equally:
+    # it only teaches naming more objects. An on-policy round has twice the share of them (BENCHMARKS.md).
+    drop_coverage_only: bool = False
 
     def validate(self) -> list[Problem]:
         return [] if self.min_margin >= 0 else [Problem("pairs.min_margin", "must be >= 0")]
@@ -36,8 +40,13 @@ def choose(answers: list[str], models: list[str], rewards: list[float], min_marg
     return best, worst, None
 
 
+def coverage_only(question: str, hallucinated: list[list[str]], best: int, worst: int) -> bool:
+    """An open question's pair whose chosen and rejected answers name as many absent objects each."""
+    return not is_existence_question(question) and len(hallucinated[best]) == len(hallucinated[worst])
+
+
 class PairBuilder:
-    REQUIRES = ("pair_key", "answers", "answer_models", "reward")
+    REQUIRES = ("pair_key", "answers", "answer_models", "reward", "question", "hallucinated")
     # chosen_index / rejected_index: positions in `answers`, so a copy of the chosen text is not chosen too.
     ADDS = ("pair_id", "chosen", "rejected", "chosen_reward", "rejected_reward", "margin",
             "chosen_model", "rejected_model", "chosen_index", "rejected_index", "drop_reason")
@@ -50,10 +59,16 @@ class PairBuilder:
 
     def _process(self, batch):
         out = {k: [] for k in self.ADDS}
-        for key, answers, models, rewards in zip(
+        n = batch.num_rows
+        drop_cov = self.cfg.drop_coverage_only
+        questions = batch.column("question").to_pylist() if drop_cov else [None] * n
+        halluc = batch.column("hallucinated").to_pylist() if drop_cov else [None] * n
+        for key, answers, models, rewards, q, h in zip(
                 batch.column("pair_key").to_pylist(), batch.column("answers").to_pylist(),
-                batch.column("answer_models").to_pylist(), batch.column("reward").to_pylist()):
+                batch.column("answer_models").to_pylist(), batch.column("reward").to_pylist(), questions, halluc):
             b, w, reason = choose(answers, models, rewards, self.cfg.min_margin)
+            if drop_cov and reason is None and coverage_only(q, h, b, w):
+                reason = "coverage_only"
             found = b is not None
             out["pair_id"].append(key)
             out["chosen"].append(answers[b] if found else None)

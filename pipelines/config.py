@@ -7,6 +7,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -27,7 +28,7 @@ from pipelines.typed import ConfigTypeError, from_dict, set_dotted
 
 POOL_STAGES = tuple(s.pool for s in STAGES)
 # What neither generation nor training depends on: where output goes, how it is scheduled, test hooks.
-RUN_KEYS = ("output_dir", "rounds", "tiny_models", "tiny_recipe", "cluster", "pools", "fuse", "train", "min_rows_per_file", "rows_per_shard",
+RUN_KEYS = ("output_dir", "rounds", "later_rounds", "tiny_models", "tiny_recipe", "cluster", "pools", "fuse", "train", "min_rows_per_file", "rows_per_shard",
             "max_error_fraction", "faults", "eval")
 # Training keys that change how a run is watched or scheduled, not what it learns.
 TRAIN_RUN_KEYS = ("save_steps", "logging_steps", "num_to_keep", "max_failures", "merge_adapter", "report_to",
@@ -42,6 +43,8 @@ def _without_new_defaults(data: dict, train: dict | None = None) -> dict:
         d.pop("previous", None)
     if d.get("prompts", {}).get("round") == 1:
         d["prompts"].pop("round")
+    if not d.get("pairs", {}).get("drop_coverage_only", True):
+        d["pairs"].pop("drop_coverage_only")
     for s in d.get("samplers", []):
         if not s.get("on_policy"):
             s.pop("on_policy", None)
@@ -58,6 +61,9 @@ class RunConfig:
     # Iterative on-policy DPO: round r >= 2 samples fresh prompts with the policy after round r-1 (samplers with
     # on_policy: true), then continues its adapter. Each round is a run folder of its own: <output_dir>/rounds/<r>.
     rounds: int = 1
+    # Settings for rounds >= 2 only, merged over this config as `extends` merges (a list such as samplers is
+    # replaced whole): an on-policy round's data differ from round 1's (BENCHMARKS.md, rounds).
+    later_rounds: dict[str, Any] | None = None
     # Set by pipelines.run.rounds, not by hand: the train hash of the round this one samples from and continues.
     previous: str | None = None
     tiny_models: str | None = None     # build the tiny random-weight models here when missing
@@ -100,6 +106,13 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def for_later_rounds(self) -> RunConfig:
+        """This config with `later_rounds` merged over it (raises ConfigTypeError on a wrong key or type)."""
+        if not self.later_rounds:
+            return copy.deepcopy(self)
+        data = {k: v for k, v in self.to_dict().items() if k != "later_rounds"}
+        return from_dict(RunConfig, _merge(data, self.later_rounds))
 
     def data_dict(self) -> dict:
         """What determines the generated data (not where it goes or how it is scheduled)."""
@@ -177,7 +190,19 @@ class RunConfig:
         for key in ("init_adapter", "data"):
             if getattr(self.train, key):
                 errs.append(Problem(f"train.{key}", "rounds > 1 set it per round (its own folder); leave it unset"))
-        return errs
+        return errs + self._later_rounds_problems()
+
+    def _later_rounds_problems(self) -> list[Problem]:
+        if not self.later_rounds:
+            return []
+        fixed = [k for k in self.later_rounds if k in ("rounds", "later_rounds", "previous", "output_dir", "eval")]
+        if fixed:
+            return [Problem(f"later_rounds.{fixed[0]}", "is the same for every round; set it at the top level")]
+        try:
+            later = self.for_later_rounds()
+        except ConfigTypeError as e:
+            return [Problem(f"later_rounds.{e.key}", e.message)]
+        return [Problem(f"later_rounds.{p.key}", p.message) for p in later.validate()]
 
 
 def _digest(data) -> str:

@@ -171,6 +171,11 @@ _EXISTENCE = re.compile(r"(?:is|are) there (?:an? |any )?(.+?) in (?:the|this) (
                         re.IGNORECASE)
 
 
+def is_existence_question(question: str) -> bool:
+    """"Is there a X in the image?" and its close variants, whatever the vocabulary knows of X."""
+    return _EXISTENCE.match(question.strip()) is not None
+
+
 # POPE's existence question, worded as its files have it ("a" even before vowels), and its three ways of
 # drawing the absent objects it asks about.
 EXISTENCE_QUESTION = "Is there a {} in the image?"

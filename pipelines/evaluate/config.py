@@ -12,6 +12,9 @@ class WorldEvalConfig:
     world: str = "shapes"              # shapes | generated (the run's prompt generator and image stage)
     num_images: int = 60
     seed: int | None = None            # default: prompts.seed (the "eval" namespace keeps it held out)
+    # test: the held-out images results are reported on; validation: other held-out images, for choosing
+    # settings without looking at the test images.
+    split: str = "test"
     strategies: list[str] = field(default_factory=lambda: list(STRATEGIES))
     questions_per_image: int = 3       # POPE's 3 present + 3 absent objects per image and strategy
     caption_tokens: int = 40
@@ -23,6 +26,8 @@ class WorldEvalConfig:
         errs = []
         if self.world not in ("shapes", "generated"):
             errs.append(Problem("eval.world", "must be 'shapes' or 'generated' (worlds whose objects are known)"))
+        if self.split not in ("test", "validation"):
+            errs.append(Problem("eval.split", "must be 'test' or 'validation'"))
         bad = [s for s in self.strategies if s not in STRATEGIES]
         if bad or not self.strategies:
             errs.append(Problem("eval.strategies", f"choose from {', '.join(STRATEGIES)}"))

@@ -32,13 +32,14 @@ POPE_KEYS = ("accuracy", "precision", "recall", "f1", "yes_ratio")
 def eval_set(cfg: WorldEvalConfig, seed: int, size: tuple[int, int] = (64, 64)) -> dict:
     """Held-out shapes images with their objects, and POPE rows (image index, question, label) per strategy."""
     images, gts, pope, ids = [], [], {s: [] for s in cfg.strategies}, []
+    namespace, tag = ("eval", "") if cfg.split == "test" else ("val", "val:")
     for i in range(cfg.num_images):
-        spec = shapes.make_prompt(seed, i, "eval")
+        spec = shapes.make_prompt(seed, i, namespace)
         ids.append(spec["prompt_id"])
         images.append(shapes.render(spec["image_prompt"], shapes.render_seed(spec["prompt_id"], 0), *size))
         gt = spec["gt_objects"]
         gts.append(gt)
-        rng = random.Random(f"pope:{seed}:{i}")
+        rng = random.Random(f"pope:{tag}{seed}:{i}")
         present = rng.sample(gt, min(cfg.questions_per_image, len(gt)))
         for s in cfg.strategies:
             absent = shapes.negatives(rng, gt, s, len(present))
@@ -54,7 +55,8 @@ def generated_eval_set(cfg: WorldEvalConfig, run_cfg, seed: int) -> dict:
     from actors.rewards import load_vocab
     from pipelines.evaluate.pope import controlled_pope_questions
     p, classes = run_cfg.prompts, default_classes()
-    rows = [generate_prompt(seed, p.num_prompts + i, p.max_objects, 1, classes) for i in range(cfg.num_images)]
+    first = p.num_prompts + (0 if cfg.split == "test" else 10**7)   # validation: indices the test set never reaches
+    rows = [generate_prompt(seed, first + i, p.max_objects, 1, classes) for i in range(cfg.num_images)]
     synth = ImageSynthesis(run_cfg.images, threads=1)
     g = run_cfg.images.guidance_scales[0]
     images = [synth.render(r["image_prompt"], g, candidate_seed(r["prompt_id"], 0, run_cfg.images.seed))
@@ -138,7 +140,7 @@ def run_world_eval(run_cfg, log=print, adapters: list[tuple[str, str]] | None = 
     try:
         data = eval_set(cfg, seed, (run_cfg.images.width, run_cfg.images.height)) if cfg.world == "shapes" \
             else generated_eval_set(cfg, run_cfg, seed)
-        summary = {"world": cfg.world, "images": cfg.num_images, "seed": seed, "model": model,
+        summary = {"world": cfg.world, "split": cfg.split, "images": cfg.num_images, "seed": seed, "model": model,
                    "adapter": models[-1][1]}
         for name, path in models:
             t0 = time.time()

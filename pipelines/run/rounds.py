@@ -31,23 +31,25 @@ def round_dir(cfg: RunConfig, r: int) -> Path:
 
 def round_config(cfg: RunConfig, r: int) -> RunConfig:
     """The run config of round r (1-based): a plain one-round config of its own folder."""
-    c = copy.deepcopy(cfg)
+    c = cfg.for_later_rounds() if r >= 2 else copy.deepcopy(cfg)
     c.rounds, c.output_dir, c.eval = 1, str(round_dir(cfg, r)), None   # the top folder evaluates every round
+    c.later_rounds = None
     c.prompts.round = r
-    for s, given in zip(c.samplers, cfg.samplers):
+    on_policy = [s.on_policy for s in c.samplers]
+    for s, given in zip(c.samplers, on_policy):
         s.on_policy = False   # resolved here: the round's config names the weights it samples
-        if given.on_policy:   # the policy being trained: train.model (+ the round before's adapter, below)
-            s.model = cfg.train.model
+        if given:             # the policy being trained: train.model (+ the round before's adapter, below)
+            s.model = c.train.model
     if r == 1:
         return c
     prev = round_config(cfg, r - 1)
     paths = train_paths(prev.output_dir)
     c.previous = prev.train_hash()
     c.train.init_adapter = str(paths["adapter"])
-    for s, given in zip(c.samplers, cfg.samplers):
-        if given.on_policy and s.backend == "vllm":
+    for s, given in zip(c.samplers, on_policy):
+        if given and s.backend == "vllm":
             s.model = str(paths["merged"])
-        elif given.on_policy:
+        elif given:
             s.adapter = str(paths["adapter"])
     return c
 

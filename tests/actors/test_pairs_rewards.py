@@ -79,3 +79,19 @@ def test_pair_builder_records_chosen_and_rejected_indices():
     assert (rows[0]["chosen_index"], rows[0]["rejected_index"]) == (0, 1)
     assert (rows[1]["chosen_index"], rows[1]["rejected_index"]) == (None, None)  # identical: no pair
     assert (rows[2]["chosen_index"], rows[2]["rejected_index"], rows[2]["drop_reason"]) == (1, 0, "below_margin")
+
+
+def test_drop_coverage_only_drops_open_questions_whose_answers_hallucinate_alike():
+    caption, exists = "Describe this image.", "Is there a red circle in the image?"
+    t = pa.table({"pair_key": ["k1", "k2", "k3", "k4"], "question": [caption, caption, exists, caption],
+                  "answers": [["a red square", "a red square and a blue circle", "a red square, a green star"]] * 2
+                  + [["Yes", "No"], ["x", "y"]],
+                  "answer_models": [["m", "m", "m"]] * 2 + [["m", "m"]] * 2,
+                  "hallucinated": [[[], [], []], [[], [], ["green star"]], [[], []], [["a"], ["b"]]],
+                  "reward": [[0.0, 2.0, -1.0], [0.0, 2.0, -1.0], [1.0, -1.0], [1.0, -1.0]]})
+    keep = PairBuilder(PairsConfig())(t).column("drop_reason").to_pylist()
+    rows = PairBuilder(PairsConfig(drop_coverage_only=True))(t).to_pylist()
+    assert keep == [None] * 4
+    # k1: chosen and rejected both clean; k4: one hallucination each; k2 rejects a hallucination; k3 asks
+    assert [r["drop_reason"] for r in rows] == ["coverage_only", None, None, "coverage_only"]
+    assert rows[1]["rejected"] == "a red square, a green star"

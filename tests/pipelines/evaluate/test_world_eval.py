@@ -50,3 +50,15 @@ def test_tiny_run_ends_with_base_vs_adapter_report(tiny_models, ray_local, tmp_p
     md = (run / "report.md").read_text()
     assert "Not evaluated yet" not in md and "| pope accuracy |" in md and "report/eval.png" in md
     assert (run / "report" / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_validation_split_is_other_held_out_images():
+    from actors.common import shapes
+    from pipelines.evaluate.config import WorldEvalConfig
+    from pipelines.evaluate.world import eval_set
+    test = eval_set(WorldEvalConfig(num_images=20), seed=3)
+    val = eval_set(WorldEvalConfig(num_images=20, split="validation"), seed=3)
+    train = {shapes.make_prompt(3, i, "train")["prompt_id"] for i in range(2000)}
+    assert len(set(test["prompt_ids"]) | set(val["prompt_ids"])) == 40 and not train & set(val["prompt_ids"])
+    assert sum(len(v) for v in val["pope"].values()) > 0 and val["gt_objects"] != test["gt_objects"]
+    assert WorldEvalConfig(split="dev").validate()[0].key == "eval.split"

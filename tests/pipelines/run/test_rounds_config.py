@@ -32,6 +32,7 @@ def test_shapes_rounds_config_makes_three_chained_rounds():
         assert c.previous == prev.train_hash() and c.train.init_adapter == adapter
         assert c.samplers[0].adapter == adapter and not c.samplers[0].on_policy and c.eval is None
     assert len({c.hash() for c in rounds}) == 3
+    assert [c.pairs.drop_coverage_only for c in rounds] == [False, True, True]   # later_rounds
     # an on_policy sampler samples the policy being trained, whatever model it names
     moved = load_config(ROOT / "configs" / "shapes-rounds.yaml", ["train.model=elsewhere/llava"])
     assert all(c.samplers[0].model == "elsewhere/llava" for c in round_configs(moved))
@@ -108,3 +109,39 @@ def test_rounds_report(tmp_path):
     assert "| base | — | — | — | 0.700 | 0.500 | 0.400 | 0.300 |" in text
     assert "| 2 | 20 | 3 | 0.500 | 0.800 | 0.500 | 0.200 | 0.300 |" in text
     assert Path(run / "report" / "rounds.png").stat().st_size > 1000 and "data:image/png" in html.read_text()
+
+
+def test_later_rounds_settings_apply_from_round_2_and_leave_round_1_as_it_was():
+    path = ROOT / "configs" / "shapes-rounds.yaml"
+    plain = load_config(path)
+    cfg = load_config(path, ["later_rounds={pairs: {drop_coverage_only: true, min_margin: 0.3}}"])
+    r1, r2, r3 = round_configs(cfg)
+    assert not r1.pairs.drop_coverage_only and r1.pairs.min_margin == 0.1
+    assert all(c.pairs.drop_coverage_only and c.pairs.min_margin == 0.3 for c in (r2, r3))
+    assert all(c.later_rounds is None for c in (r1, r2, r3))
+    # round 1 is the same run as without the key; later rounds are other data, chained as before
+    assert (r1.hash(), r1.train_hash()) == (round_config(plain, 1).hash(), round_config(plain, 1).train_hash())
+    assert r2.hash() != round_config(plain, 2).hash() and r3.previous == r2.train_hash()
+    assert r2.samplers[0].adapter == f"{r1.output_dir}/train/adapter"
+
+
+def test_later_rounds_may_replace_the_samplers_and_keep_one_on_policy():
+    samplers = "[{model: .synthalign/shapes/llava, name: p, n: 9, temperature: 1.2, on_policy: true}]"
+    cfg = load_config(ROOT / "configs" / "shapes-rounds.yaml", ["train.model=m/llava",
+                                                                 f"later_rounds={{samplers: {samplers}}}"])
+    r1, r2, _ = round_configs(cfg)
+    assert (r1.samplers[0].n, r1.samplers[0].temperature) == (6, 1.0)
+    s = r2.samplers[0]
+    assert (s.n, s.temperature, s.model, s.adapter, s.on_policy) == (9, 1.2, "m/llava",
+                                                                     f"{r1.output_dir}/train/adapter", False)
+
+
+@pytest.mark.parametrize("value,key", [
+    ("{pairs: {min_margin: -1}}", "later_rounds.pairs.min_margin"),
+    ("{pairs: {nope: 1}}", "later_rounds.pairs.nope"),
+    ("{rounds: 2}", "later_rounds.rounds"),
+    ("{output_dir: x}", "later_rounds.output_dir"),
+])
+def test_later_rounds_are_checked_on_load(value, key):
+    with pytest.raises(InputError, match=f"field {re.escape(repr(key))}"):
+        load_config(ROOT / "configs" / "shapes-rounds.yaml", [f"later_rounds={value}"])
