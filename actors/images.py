@@ -83,6 +83,42 @@ def stored(image, store_size: int | None):
                         Image.Resampling.BICUBIC)
 
 
+class LastPromptEncoding:
+    """A diffusers pipeline's `encode_prompt` that reuses its last result when called again with the same
+    arguments. The K candidates of a prompt are K calls with the same prompts at other guidance scales or seeds,
+    and each call would encode them anew: 4x the text encoders' work (T5-XXL's on SD3). Same arguments, same
+    computation: the images are bitwise those of encoding every time (tests/actors/test_images_batch.py).
+    Arguments holding tensors (precomputed embeddings) are passed through uncached."""
+
+    def __init__(self, encode):
+        self.encode, self.key, self.value = encode, None, None
+
+    def __call__(self, *args, **kwargs):
+        key = _key((args, sorted(kwargs.items())))
+        if key is _UNKEYED:
+            return self.encode(*args, **kwargs)
+        if key != self.key:
+            self.key = None   # no stale pair if the encoder raises
+            self.value = self.encode(*args, **kwargs)
+            self.key = key
+        return self.value
+
+
+_UNKEYED = object()
+
+
+def _key(value):
+    """A hashable copy of encode_prompt's arguments, or _UNKEYED if one is not plain data (a tensor)."""
+    if isinstance(value, (list, tuple)):
+        items = tuple(_key(v) for v in value)
+        return _UNKEYED if any(i is _UNKEYED for i in items) else (type(value).__name__, items)
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if type(value).__name__ == "device":   # torch.device
+        return ("device", str(value))
+    return _UNKEYED
+
+
 class ImageSynthesis:
     REQUIRES = ("prompt_id", "image_prompt")
     # candidate_renders (the full renders) too when keep_render; selection keeps the chosen one.
@@ -98,6 +134,8 @@ class ImageSynthesis:
         self.pipe = DiffusionPipeline.from_pretrained(cfg.model, dtype=torch_dtype(cfg.dtype))
         self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
+        if hasattr(self.pipe, "encode_prompt"):   # SD, SDXL, SD3, ...: see LastPromptEncoding
+            self.pipe.encode_prompt = LastPromptEncoding(self.pipe.encode_prompt)
         _warn_once("diffusers", "The following part of your input was truncated")
 
     def render(self, prompt: str, guidance: float, seed: int):
@@ -135,12 +173,15 @@ class ImageSynthesis:
         images = [[b""] * n for _ in pids]
         renders = [[b""] * n for _ in pids] if cfg.keep_render else None
         seeds = [[candidate_seed(pid, k, cfg.seed) for k in range(n)] for pid in pids]
-        for gi, g in enumerate(cfg.guidance_scales):
-            todo = [(r, k) for r in range(len(pids)) for k in range(gi * cfg.per_scale, (gi + 1) * cfg.per_scale)]
-            for i in range(0, len(todo), b):
-                call = todo[i:i + b]
-                padded = call + [call[-1]] * (b - len(call))
-                out = self.render_batch([prompts[r] for r, _ in padded], [seeds[r][k] for r, k in padded], g)
+        # Calls of b (row, j) slots, j the candidate within a guidance scale; every scale renders the same slots
+        # in turn, so consecutive calls share their prompts and the text encoders run once per slot group.
+        slots = [(r, j) for r in range(len(pids)) for j in range(cfg.per_scale)]
+        for i in range(0, len(slots), b):
+            group = slots[i:i + b]
+            group += [group[-1]] * (b - len(group))   # padded: the last slot again
+            for gi, g in enumerate(cfg.guidance_scales):
+                call = [(r, gi * cfg.per_scale + j) for r, j in group]
+                out = self.render_batch([prompts[r] for r, _ in call], [seeds[r][k] for r, k in call], g)
                 for (r, k), img in zip(call, out):
                     images[r][k] = png_bytes(stored(img, cfg.store_size))
                     if renders is not None:

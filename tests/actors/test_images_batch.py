@@ -45,8 +45,9 @@ def test_every_call_renders_batch_size_images_at_one_guidance_scale(synth4, monk
         return pipe(**kw)
     monkeypatch.setattr(synth4, "pipe", spy)
     out = synth4(table(["p1", "p2", "p3", "p4", "p5"])).to_pylist()
-    # 5 rows x 2 candidates per scale = 10 images per scale -> 3 calls of 4 (the last padded), per scale
-    assert calls == [(4, 4, 3.0)] * 3 + [(4, 4, 7.0)] * 3
+    # 5 rows x 2 candidates per scale = 10 images per scale -> 3 calls of 4 (the last padded) per scale, the
+    # scales in turn for each group of 4 slots
+    assert calls == [(4, 4, 3.0), (4, 4, 7.0)] * 3
     assert [len(r["candidate_images"]) for r in out] == [4] * 5
     assert all(r["candidate_guidance"] == [3.0, 3.0, 7.0, 7.0] for r in out)
 
@@ -59,6 +60,55 @@ def test_bytes_do_not_depend_on_which_rows_arrive_together(synth4, all_rows):
             assert r["candidate_seeds"] == all_rows[r["prompt_id"]]["candidate_seeds"]
     images = [b for r in all_rows.values() for b in r["candidate_images"]]
     assert len(set(images)) == len(images)  # every candidate its own seed: no two alike
+
+
+def count_encodes(synth, monkeypatch) -> list:
+    """Calls that reach the pipeline's own encode_prompt (under the LastPromptEncoding wrapper)."""
+    wrapper, calls = synth.pipe.encode_prompt, []
+    real = wrapper.encode
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(wrapper, "encode", spy)
+    return calls
+
+
+def test_prompts_encoded_once_per_slot_group_and_images_bitwise_unchanged(synth4, all_rows, monkeypatch):
+    """Reusing the prompt encoding across guidance scales changes no byte against encoding in every call."""
+    from actors.images import LastPromptEncoding
+    assert isinstance(synth4.pipe.encode_prompt, LastPromptEncoding)
+    calls = count_encodes(synth4, monkeypatch)
+    synth4(table(PROMPTS))
+    assert len(calls) == 3   # 3 groups of 4 slots, 2 guidance scales each: 6 diffusers calls, 3 encodings
+    monkeypatch.setattr(synth4.pipe, "encode_prompt", synth4.pipe.encode_prompt.encode)   # encode every call
+    again = {r["prompt_id"]: r for r in synth4(table(PROMPTS)).to_pylist()}
+    assert all(again[pid]["candidate_images"] == row["candidate_images"] for pid, row in all_rows.items())
+
+
+def test_sd3_twin_encodes_once_per_group_and_same_bytes(twin_models, monkeypatch):
+    """The paper's image model class (StableDiffusion3Pipeline: two CLIP encoders and T5)."""
+    synth = ImageSynthesis(ImagesConfig(model=str(twin_models["sd3"]), guidance_scales=[5.0, 7.0, 9.0], steps=2,
+                                        height=64, width=64, batch_size=2))
+    calls = count_encodes(synth, monkeypatch)
+    rows = table(["p1", "p2", "p3"])
+    first = synth(rows).column("candidate_images").to_pylist()
+    assert len(calls) == 2   # 3 rows in 2 groups of 2, 3 scales each: 6 calls, 2 encodings
+    monkeypatch.setattr(synth.pipe, "encode_prompt", synth.pipe.encode_prompt.encode)
+    assert synth(rows).column("candidate_images").to_pylist() == first
+
+
+def test_prompt_encoding_cache_keys():
+    from actors.images import LastPromptEncoding
+    seen = []
+    enc = LastPromptEncoding(lambda *a, **k: seen.append((a, k)) or len(seen))
+    assert enc(["a", "b"], "cpu", 1, True, None, clip_skip=None) == 1
+    assert enc(["a", "b"], "cpu", 1, True, None, clip_skip=None) == 1   # same arguments: reused
+    assert enc(["a", "b"], "cpu", 1, False, None, clip_skip=None) == 2  # guidance off: encoded anew
+    assert enc(["a", "c"], "cpu", 1, False, None, clip_skip=None) == 3
+    tensor = object()   # not plain data (as a tensor of precomputed embeddings): never cached
+    assert enc(["a", "c"], "cpu", 1, False, None, prompt_embeds=tensor) == 4
+    assert enc(["a", "c"], "cpu", 1, False, None, prompt_embeds=tensor) == 5
 
 
 def test_other_batch_size_same_seeds_and_pixels_up_to_rounding(tiny_models, all_rows):
