@@ -10,6 +10,16 @@ def load_avg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+def steal_seconds() -> float | None:
+    """CPU-s the hypervisor gave to other guests, all cores (/proc/stat's steal): a virtual
+    machine's speed drifts with it, so a benchmark shows it beside its wall times. None where not Linux."""
+    try:
+        with open("/proc/stat") as f:
+            return int(f.readline().split()[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 class CpuMeter:
     """CPU seconds used by this process and all its descendants (a local Ray's raylet, workers...) while
     active, sampled every `every` s so that processes which exit early still count up to their last sample;
@@ -42,6 +52,7 @@ class CpuMeter:
             self.own += time.thread_time() - t
 
     def __enter__(self):
+        self.steal0 = steal_seconds()
         self._sample()
         self.started = True
         self.thread.start()
@@ -60,6 +71,8 @@ class CpuMeter:
             self.by_name[name] = self.by_name.get(name, 0.0) + max(0.0, last - first)
         self.seconds = sum(self.by_name.values())
         self.processes = len(self.seen)
+        steal = steal_seconds()
+        self.steal = None if steal is None or self.steal0 is None else round(steal - self.steal0, 2)
 
 
 def median(xs):

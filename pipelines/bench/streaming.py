@@ -79,35 +79,31 @@ def import_cpu_seconds() -> float:
 
 
 def bench_streaming(work: Path, tiny: Path, n_prompts: int = 2048, overrides=(), batch: int = 4,
-                    loop_threads: int | None = 1, loop_imports: bool = True, ray_start_s: float | None = None) -> dict:
+                    loop_threads: int | None = 1, loop_imports: bool = True, ray_start_s: float | None = None,
+                    repeats: int = 1) -> dict:
     """Pipeline vs the plain loop (loop.py, `batch` prompts per model call, `loop_threads` torch threads: its
-    best here) on the same prompt rows, back to back (the loop first, as a command: run_loop_command). Two
-    ratios: against the loop's command (`ratio`: a user's script pays its imports; the pipeline runs on a Ray
-    that is up, as on a cluster) and against its wall after the imports (`ratio_loop_after_imports`).
-    `loop_imports`: also measure the imports alone (a Python subprocess, several CPU-s). `ray_start_s`: the
-    seconds a local Ray took to start (the caller's), for a third ratio: a command that starts Ray first."""
-    from pipelines.folder import RunFolder
-    from pipelines.generate.job import prepare, run_generate
-    cfg = tiny_run_config(work / "stream-pipeline", tiny, n_prompts, overrides)
-    RunFolder(cfg).clear()
-    prompts, vocab, _ = prepare(cfg)
+    best here) on the same prompt rows, back to back (the loop first, as a command: run_loop_command), `repeats`
+    times in turn (loop, pipeline, loop, pipeline...): a virtual machine's speed drifts by 10-40% within
+    minutes here, so each pair gives a ratio and the figures reported are those of the pair with the median ratio
+    (the lower middle one of an even count); every pair is listed under `pairs_of_runs`. Two ratios: against the
+    loop's command (`ratio`: a user's script pays its imports; the pipeline runs on a Ray that is up, as on a
+    cluster) and against its wall after the imports (`ratio_loop_after_imports`). `loop_imports`: also measure
+    the imports alone (a Python subprocess, several CPU-s). `ray_start_s`: the seconds a local Ray took to
+    start (the caller's), for a third ratio: a command that starts Ray first."""
     load0 = load_avg()
-    shutil.rmtree(work / "stream-loop", ignore_errors=True)
-    with CpuMeter() as loop_cpu:   # the loop reads the same prompt rows from the same config
-        loop = run_loop_command(cfg, work / "stream-loop", batch, loop_threads)
-    t0 = time.time()
-    with CpuMeter() as pipe_cpu:
-        manifest = run_generate(cfg, prepared=(prompts, vocab, Path(cfg.output_dir)))
-    pipe_s = time.time() - t0
+    runs = [_pair(work, tiny, n_prompts, overrides, batch, loop_threads) for _ in range(max(1, repeats))]
+    median_pair = sorted(runs, key=lambda r: r["ratio"])[(len(runs) - 1) // 2]
     imports = import_cpu_seconds() if loop_imports else 0.0
-    timings = manifest["timings_s"]
+    loop, manifest, pipe_s = median_pair["loop"], median_pair["manifest"], median_pair["pipeline_seconds"]
+    loop_cpu, pipe_cpu = median_pair["loop_cpu"], median_pair["pipe_cpu"]
+    cfg_out = median_pair["output_dir"]
     return {"prompts": n_prompts, "loop_command_seconds": loop["command_seconds"], "loop_seconds": loop["seconds"],
             "loop_stage_seconds": loop["stage_seconds"], "loop_batch": batch,
             "loop_torch_threads": loop["torch_threads"],
-            "pipeline_seconds": round(pipe_s, 2), "pipeline_timings": timings,
+            "pipeline_seconds": round(pipe_s, 2), "pipeline_timings": manifest["timings_s"],
             "loop_prompts_per_s": round(n_prompts / loop["command_seconds"], 3),
             "pipeline_prompts_per_s": round(n_prompts / pipe_s, 3),
-            "ratio": round(loop["command_seconds"] / pipe_s, 3),
+            "ratio": median_pair["ratio"],
             "ratio_loop_after_imports": round(loop["seconds"] / pipe_s, 3),
             **({"ray_start_seconds": round(ray_start_s, 2),
                 "ratio_with_ray_start": round(loop["command_seconds"] / (pipe_s + ray_start_s), 3)}
@@ -118,12 +114,41 @@ def bench_streaming(work: Path, tiny: Path, n_prompts: int = 2048, overrides=(),
             "cpu_ratio_loop_after_imports": round(pipe_cpu.seconds / max(loop_cpu.seconds - imports, 1e-9), 3),
             "pipeline_cpu_by_process": {k: round(v, 1) for k, v in sorted(pipe_cpu.by_name.items(),
                                                                            key=lambda kv: -kv[1]) if v >= 0.5},
+            "pairs_of_runs": [{k: r[k] for k in PAIR_FIGURES} for r in runs],
             "questions": manifest["counts"]["questions"], "loop_questions": loop["questions"],
             "pairs": manifest["counts"]["pairs"], "loop_pairs": loop["pairs"],
             "dropped": sum(manifest["counts"]["dropped"].values()), "errors": manifest["counts"]["errors"],
             "loop_dropped": loop["dropped"],
-            **compare_images(work / "stream-loop" / "pairs", Path(cfg.output_dir) / "pairs"),
+            **compare_images(work / "stream-loop" / "pairs", Path(cfg_out) / "pairs"),
             "load_avg_before": load0, "load_avg_after": load_avg()}
+
+
+# What `pairs_of_runs` lists for each loop-then-pipeline pair (steal: CPU-s the hypervisor took, all cores).
+PAIR_FIGURES = ("loop_command_seconds", "pipeline_seconds", "ratio", "loop_cpu_seconds", "pipeline_cpu_seconds",
+                "cpu_ratio", "first_pair", "loop_steal_seconds", "pipeline_steal_seconds")
+
+
+def _pair(work: Path, tiny: Path, n_prompts: int, overrides, batch: int, loop_threads: int | None) -> dict:
+    """One loop command, then one pipeline run, each on fresh output folders."""
+    from pipelines.folder import RunFolder
+    from pipelines.generate.job import prepare, run_generate
+    cfg = tiny_run_config(work / "stream-pipeline", tiny, n_prompts, overrides)
+    RunFolder(cfg).clear()
+    prompts, vocab, _ = prepare(cfg)
+    shutil.rmtree(work / "stream-loop", ignore_errors=True)
+    with CpuMeter() as loop_cpu:   # the loop reads the same prompt rows from the same config
+        loop = run_loop_command(cfg, work / "stream-loop", batch, loop_threads)
+    t0 = time.time()
+    with CpuMeter() as pipe_cpu:
+        manifest = run_generate(cfg, prepared=(prompts, vocab, Path(cfg.output_dir)))
+    pipe_s = time.time() - t0
+    return {"loop": loop, "manifest": manifest, "loop_cpu": loop_cpu, "pipe_cpu": pipe_cpu,
+            "output_dir": cfg.output_dir, "loop_command_seconds": loop["command_seconds"],
+            "pipeline_seconds": round(pipe_s, 2), "ratio": round(loop["command_seconds"] / pipe_s, 3),
+            "loop_cpu_seconds": round(loop_cpu.seconds, 1), "pipeline_cpu_seconds": round(pipe_cpu.seconds, 1),
+            "cpu_ratio": round(pipe_cpu.seconds / max(loop_cpu.seconds, 1e-9), 3),
+            "first_pair": manifest["timings_s"].get("first_pair"),
+            "loop_steal_seconds": loop_cpu.steal, "pipeline_steal_seconds": pipe_cpu.steal}
 
 
 def scaling_child(address: str, tiny: str, out: str, n_prompts: int) -> dict:

@@ -19,10 +19,12 @@ from pipelines.bench.meter import load_avg
 BENCHMARKS = ("streaming", "scaling", "training", "cluster", "scale")
 
 
-def run_bench(out: Path, only=BENCHMARKS, tiny: Path | None = None, prompts: int = 2048, sizes=(500, 2250),
+def run_bench(out: Path, only=BENCHMARKS, tiny: Path | None = None, prompts: int | tuple = 2048, sizes=(500, 2250),
               train_steps: int = 30, sim: dict | None = None, scale: dict | None = None,
-              loop_imports: bool = True, ray_start_s: float | None = None) -> dict:
+              loop_imports: bool = True, ray_start_s: float | None = None, repeats: int = 1) -> dict:
     """Run the selected benchmarks (Ray must be connected for all but `cluster`); writes JSON and markdown.
+    `prompts`: streaming's prompt count, or several (the first's results under "streaming", each other's under
+    "streaming_<n>"), each run `repeats` times as loop/pipeline pairs in turn.
     `ray_start_s`: how long the caller's ray.init took (a local Ray), for the streaming ratio with it."""
     out = Path(out)
     work, tiny = out / "work", Path(tiny or out / "tiny")
@@ -32,7 +34,9 @@ def run_bench(out: Path, only=BENCHMARKS, tiny: Path | None = None, prompts: int
         t0 = time.time()
         if name == "streaming":
             from pipelines.bench.streaming import bench_streaming
-            results[name] = bench_streaming(work, tiny, prompts, loop_imports=loop_imports, ray_start_s=ray_start_s)
+            for i, n in enumerate((prompts,) if isinstance(prompts, int) else prompts):
+                results["streaming" if i == 0 else f"streaming_{n}"] = bench_streaming(
+                    work, tiny, n, loop_imports=loop_imports, ray_start_s=ray_start_s, repeats=repeats)
         elif name == "scaling":
             from pipelines.bench.streaming import bench_scaling
             results[name] = bench_scaling(work, tiny, sizes)
@@ -79,17 +83,19 @@ def _target(bench: str, figure: str) -> str:
 
 def markdown(r: dict) -> str:
     rows = []
-    if "streaming" in r:
-        s = r["streaming"]
+    for s in [v for k, v in r.items() if k == "streaming" or k.startswith("streaming_")]:
         key = "ratio_2048" if s["prompts"] >= 2048 else "ratio"
         loop_s = s.get("loop_command_seconds", s["loop_seconds"])
         after = (f"; {s['ratio_loop_after_imports']}× against the loop after its imports ({s['loop_seconds']} s)"
                  if "ratio_loop_after_imports" in s else "")
+        pairs = s.get("pairs_of_runs", [])
+        if len(pairs) > 1:
+            after += f"; the median of {len(pairs)} pairs run in turn: {', '.join(str(p['ratio']) for p in pairs)}×"
         rows += [("streaming", f"{s['prompts']} prompts: pipeline / loop command throughput", f"{s['ratio']}× "
                   f"({s['pipeline_seconds']} s vs {loop_s} s{after})", _target("streaming", key),
                   met("streaming", key, s["ratio"]))]
         if "cpu_ratio" in s:
-            rows += [("streaming", "CPU-s, all processes: pipeline / loop command",
+            rows += [("streaming", f"{s['prompts']} prompts: CPU-s, all processes: pipeline / loop command",
                       f"{s['cpu_ratio']}× ({s['pipeline_cpu_seconds']} vs {s['loop_cpu_seconds']}"
                       + (f"; {s['cpu_ratio_loop_after_imports']}× without its {s['loop_import_cpu_seconds']} of "
                          "imports)" if s.get("loop_import_cpu_seconds") else ")"),

@@ -5,8 +5,12 @@ import json
 import os
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split(",") if x)
+def _ints(text: str, field: str = "") -> tuple[int, ...]:
+    from actors.common.errors import InputError
+    try:
+        return tuple(int(x) for x in text.split(",") if x)
+    except ValueError:
+        raise InputError(f"expected comma-separated whole numbers, got {text!r}", field=field) from None
 
 
 def _shape(text: str | None) -> dict | None:
@@ -27,6 +31,9 @@ def cmd_bench(args) -> int:
     unknown = [x for x in only if x not in BENCHMARKS]
     if unknown:
         raise InputError(f"unknown benchmark(s) {unknown} (known: {', '.join(BENCHMARKS)})", field="--only")
+    prompts = _ints(args.prompts, "--prompts")   # bad input fails before Ray starts
+    if not prompts or min(prompts) < 1:
+        raise InputError(f"expected prompt counts >= 1, got {args.prompts!r}", field="--prompts")
     ray_start_s = None
     if set(only) - {"cluster"}:  # the cluster simulation starts its own Ray in a subprocess
         import time
@@ -40,7 +47,7 @@ def cmd_bench(args) -> int:
             ray_start_s = time.time() - t0
     sim = {"prompts": args.sim_prompts, "scale": args.cost_scale, "gpus": args.gpus, "nodes": args.nodes,
            "shape": _shape(args.shape)}
-    results = run_bench(args.out, only, tiny=args.tiny, prompts=args.prompts, sizes=_ints(args.scaling_sizes),
+    results = run_bench(args.out, only, tiny=args.tiny, prompts=prompts, repeats=args.repeats, sizes=_ints(args.scaling_sizes),
                         train_steps=args.train_steps, sim=sim,
                         scale={"sizes": _ints(args.scale_sizes), "px": args.scale_px,
                                "fold_pairs": args.scale_fold_pairs,
@@ -58,7 +65,10 @@ def add_bench_command(sub) -> None:
     p.add_argument("--out", required=True, help="folder for results.json, results.md and the runs")
     p.add_argument("--only", default="streaming,scaling,training,cluster,scale",
                    help="comma-separated subset of streaming,scaling,training,cluster,scale")
-    p.add_argument("--prompts", type=int, default=2048, help="streaming: prompts (pipeline vs loop)")
+    p.add_argument("--prompts", default="2048", help="streaming: prompts (pipeline vs loop); several, e.g. 512,2048, "
+                   "run one after the other")
+    p.add_argument("--repeats", type=int, default=1, help="streaming: loop/pipeline pairs per size, run in turn "
+                   "(the pair with the median ratio is reported, every pair listed)")
     p.add_argument("--scaling-sizes", default="500,2250", help="scaling: prompts per run (2K-vs-9K proportions)")
     p.add_argument("--train-steps", type=int, default=30, help="training: DPO steps per run")
     p.add_argument("--sim-prompts", type=int, default=1200, help="cluster: prompts through the simulated cluster")

@@ -17,7 +17,7 @@ def results(tiny_models, ray_local, tmp_path_factory):
     from pipelines.bench.suite import run_bench
     out = tmp_path_factory.mktemp("bench")
     tiny = tiny_models["sd"].parent  # the session's tiny models (make_tiny reuses complete folders)
-    return out, run_bench(out, only=("streaming", "cluster"), tiny=tiny, prompts=8,
+    return out, run_bench(out, only=("streaming", "cluster"), tiny=tiny, prompts=8, repeats=2,
                           sim={"prompts": 24, "scale": 0.002, "gpus": 8}, loop_imports=False)
 
 
@@ -48,6 +48,21 @@ def test_streaming_keys_and_values(results):
     assert s["pairs"] > 8 and s["loop_pairs"] > 8  # random tiny models rarely give identical answers
     assert s["best_seed_agreement"] >= 0.75 and s["image_max_level_diff"] <= 2
     assert set(s["loop_stage_seconds"]) == {"load", "images", "selection", "sampling", "rewards", "pairs"}
+
+
+def test_streaming_pairs_run_in_turn_and_the_median_pair_is_reported(results):
+    _, r = results
+    s = r["streaming"]
+    pairs = s["pairs_of_runs"]
+    assert len(pairs) == 2
+    for p in pairs:
+        assert p["ratio"] == pytest.approx(p["loop_command_seconds"] / p["pipeline_seconds"], rel=0.01, abs=1e-3)
+        assert p["first_pair"] > 0
+        assert all(p[k] is None or p[k] >= 0 for k in ("loop_steal_seconds", "pipeline_steal_seconds"))
+    low = min(pairs, key=lambda p: p["ratio"])   # of two, the lower middle one
+    assert (s["ratio"], s["pipeline_seconds"], s["loop_command_seconds"]) == (
+        low["ratio"], low["pipeline_seconds"], low["loop_command_seconds"])
+    assert s["cpu_ratio"] == low["cpu_ratio"]
 
 
 def test_loop_writes_each_stage_to_disk(results):
@@ -120,6 +135,14 @@ def test_cli_rejects_an_unknown_benchmark(tmp_path):
     assert main(["bench", "--out", str(tmp_path), "--only", "streaming,nope"]) == 2
 
 
+@pytest.mark.parametrize("prompts", ["5x", "0", ","])
+def test_cli_rejects_bad_prompt_counts_in_one_line(tmp_path, capsys, prompts):
+    from pipelines.cli import main
+    assert main(["bench", "--out", str(tmp_path), "--only", "streaming", "--prompts", prompts]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--prompts" in err
+
+
 def test_given_shape_is_split_into_actors_as_the_plan_does():
     from conftest import ROOT
 
@@ -182,3 +205,10 @@ def test_streaming_target_follows_the_prompt_count():
         return next(line for line in table.splitlines() if "throughput" in line)
     assert row(512).endswith("| ≥ 1.4× | yes |")
     assert row(2048).endswith("| ≥ 1.7× | no |")
+    # several sizes in one bench run: one row each, each against its own target
+    both = markdown({"streaming": {"prompts": 512, "ratio": 1.6, "pipeline_seconds": 10.0, "loop_seconds": 16.0},
+                     "streaming_2048": {"prompts": 2048, "ratio": 1.75, "pipeline_seconds": 40.0,
+                                        "loop_seconds": 70.0}, **machine})
+    rows = [line for line in both.splitlines() if "throughput" in line]
+    assert rows[0].startswith("| streaming | 512 prompts") and rows[0].endswith("| ≥ 1.4× | yes |")
+    assert rows[1].startswith("| streaming | 2048 prompts") and rows[1].endswith("| ≥ 1.7× | yes |")
