@@ -59,6 +59,9 @@ def test_streaming_pairs_run_in_turn_and_the_median_pair_is_reported(results):
         assert p["ratio"] == pytest.approx(p["loop_command_seconds"] / p["pipeline_seconds"], rel=0.01, abs=1e-3)
         assert p["first_pair"] > 0
         assert all(p[k] is None or p[k] >= 0 for k in ("loop_steal_seconds", "pipeline_steal_seconds"))
+        if p["loop_steal_seconds"] is not None:   # Linux: /proc/stat
+            assert p["ratio_without_loop_steal"] == pytest.approx(
+                (p["loop_command_seconds"] - p["loop_steal_seconds"]) / p["pipeline_seconds"], rel=0.01, abs=1e-3)
     low = min(pairs, key=lambda p: p["ratio"])   # of two, the lower middle one
     assert (s["ratio"], s["pipeline_seconds"], s["loop_command_seconds"]) == (
         low["ratio"], low["pipeline_seconds"], low["loop_command_seconds"])
