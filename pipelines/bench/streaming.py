@@ -97,19 +97,16 @@ def bench_streaming(work: Path, tiny: Path, n_prompts: int = 2048, overrides=(),
     loop, manifest, pipe_s = median_pair["loop"], median_pair["manifest"], median_pair["pipeline_seconds"]
     loop_cpu, pipe_cpu = median_pair["loop_cpu"], median_pair["pipe_cpu"]
     cfg_out = median_pair["output_dir"]
-    return {"prompts": n_prompts, "loop_command_seconds": loop["command_seconds"], "loop_seconds": loop["seconds"],
+    return {"prompts": n_prompts, **{k: median_pair[k] for k in HEADLINE}, "loop_seconds": loop["seconds"],
             "loop_stage_seconds": loop["stage_seconds"], "loop_batch": batch,
             "loop_torch_threads": loop["torch_threads"],
-            "pipeline_seconds": round(pipe_s, 2), "pipeline_timings": manifest["timings_s"],
+            "pipeline_timings": manifest["timings_s"],
             "loop_prompts_per_s": round(n_prompts / loop["command_seconds"], 3),
             "pipeline_prompts_per_s": round(n_prompts / pipe_s, 3),
-            "ratio": median_pair["ratio"], "ratio_without_loop_steal": median_pair["ratio_without_loop_steal"],
             "ratio_loop_after_imports": round(loop["seconds"] / pipe_s, 3),
             **({"ray_start_seconds": round(ray_start_s, 2),
                 "ratio_with_ray_start": round(loop["command_seconds"] / (pipe_s + ray_start_s), 3)}
                if ray_start_s is not None else {}),
-            "loop_cpu_seconds": round(loop_cpu.seconds, 1), "pipeline_cpu_seconds": round(pipe_cpu.seconds, 1),
-            "cpu_ratio": round(pipe_cpu.seconds / max(loop_cpu.seconds, 1e-9), 3),
             "loop_import_cpu_seconds": imports, "meter_own_cpu_seconds": round(pipe_cpu.own, 1),
             "cpu_ratio_loop_after_imports": round(pipe_cpu.seconds / max(loop_cpu.seconds - imports, 1e-9), 3),
             "pipeline_cpu_by_process": {k: round(v, 1) for k, v in sorted(pipe_cpu.by_name.items(),
@@ -119,10 +116,14 @@ def bench_streaming(work: Path, tiny: Path, n_prompts: int = 2048, overrides=(),
             "pairs": manifest["counts"]["pairs"], "loop_pairs": loop["pairs"],
             "dropped": sum(manifest["counts"]["dropped"].values()), "errors": manifest["counts"]["errors"],
             "loop_dropped": loop["dropped"],
+            # the last pair's folders (each pair writes the same ones; the work is the same)
             **compare_images(work / "stream-loop" / "pairs", Path(cfg_out) / "pairs"),
             "load_avg_before": load0, "load_avg_after": load_avg()}
 
 
+# The median pair's figures that head the result (the rest of its figures are derived there).
+HEADLINE = ("loop_command_seconds", "pipeline_seconds", "ratio", "ratio_without_loop_steal", "loop_cpu_seconds",
+            "pipeline_cpu_seconds", "cpu_ratio")
 # What `pairs_of_runs` lists for each loop-then-pipeline pair (steal: CPU-s the hypervisor took, all cores).
 PAIR_FIGURES = ("loop_command_seconds", "pipeline_seconds", "ratio", "loop_cpu_seconds", "pipeline_cpu_seconds",
                 "cpu_ratio", "first_pair", "loop_steal_seconds", "pipeline_steal_seconds", "ratio_without_loop_steal")
