@@ -99,13 +99,14 @@ def named_chain(name: str) -> type:
 def rows_per_block(cfg, n_prompts: int) -> int:
     """Prompts per Ray Data block, at most ~1,000 blocks for the driver to track. Per-stage pools get one images
     batch per block, so every later pool is fed from the first rows on (`plan` predicts with that flow). The fused
-    chain is one pool: 1 to 4 batches, about 8 blocks per actor (a balanced finish). Each block costs a
-    prompt-rows task, an actor call and the driver's bookkeeping: on the CPU chain blocks of one batch spent ~2x
-    the CPU of blocks of four outside the actors (BENCHMARKS.md, "Fewer, larger blocks")."""
+    chain is one pool: 1 to 8 batches, about 8 blocks per actor (a balanced finish). Each block costs a
+    prompt-rows task, a shard write, an actor call and the driver's bookkeeping: on the CPU chain blocks of one
+    batch spent ~2x the CPU of blocks of four outside the actors, and eight instead of four took 2-4% less CPU
+    and wall at 2,048 prompts (BENCHMARKS.md, "Fewer, larger blocks" and "Sixth pass")."""
     pool = cfg.pool("images")
     size = pool.batch_size
     if cfg.fuse:
-        size = min(4 * pool.batch_size, max(pool.batch_size, -(-n_prompts // (8 * pool.size))))
+        size = min(8 * pool.batch_size, max(pool.batch_size, -(-n_prompts // (8 * pool.size))))
     return max(-(-n_prompts // 1000), size)
 
 

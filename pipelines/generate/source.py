@@ -63,7 +63,6 @@ class PromptSource:
         """The rows to do, made by Ray Data tasks from the plan's blocks: one output block per planned block."""
         import ray.data
         ds = ray.data.from_items(plan.blocks, override_num_blocks=len(plan.blocks))
-        # No CPU asked: the pools may hold every core, and a task waiting for one would starve the whole chain
         # Zero CPUs (a pool holding every core must not starve it), so Ray would run one task per block at once
         # (a worker process each: 117 measured at 512 prompts): two tasks at a time keep the pools fed.
         return ds.map_batches(make_rows, batch_size=None, batch_format="pyarrow",

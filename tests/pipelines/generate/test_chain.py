@@ -53,10 +53,10 @@ def test_the_pipeline_refuses_a_broken_chain_before_ray_runs_anything():
                        stages=(STAGES[0], STAGES[2], STAGES[1], STAGES[3]))
 
 
-@pytest.mark.parametrize("n_prompts, size", [(24, 4), (128, 8), (512, 16), (2048, 16), (100_000, 100)])
-def test_blocks_grow_with_the_run_from_one_to_four_image_batches(n_prompts, size):
+@pytest.mark.parametrize("n_prompts, size", [(24, 4), (128, 8), (512, 32), (2048, 32), (100_000, 100)])
+def test_blocks_grow_with_the_run_from_one_to_eight_image_batches(n_prompts, size):
     """tiny.yaml: 2 image actors, 4 prompts per images batch. Small runs keep one-batch blocks (the first pair
-    early), larger ones four batches (less per-block cost), the largest ~1,000 blocks (the driver's list)."""
+    early), larger ones up to eight batches (less per-block cost), the largest ~1,000 blocks (the driver's list)."""
     from pipelines.generate.chain import rows_per_block
     assert rows_per_block(tiny(), n_prompts) == size
     assert -(-n_prompts // size) <= 1000
