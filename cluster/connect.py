@@ -30,14 +30,34 @@ def local_system_config(num_cpus: int | None) -> dict:
     return {"num_workers_soft_limit": 2 * (num_cpus or os.cpu_count() or 1) + 8}
 
 
-# Credentials every worker needs and a remote node does not have: gated models (SD3-Medium) load with HF_TOKEN.
-FORWARDED_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+# Credentials every worker needs and a remote node does not have: gated models (SD3-Medium) load with HF_TOKEN,
+# W&B logs with WANDB_API_KEY, s3:// and abfs:// runs with what pyarrow reads. Values only, never paths to files
+# (GOOGLE_APPLICATION_CREDENTIALS, ~/.aws/credentials): a remote node does not have the file.
+FORWARDED_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY",
+                 "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
+                 "AWS_DEFAULT_REGION", "AWS_REGION", "AZURE_CLIENT_ID", "AZURE_TENANT_ID", "AZURE_CLIENT_SECRET")
+
+# Ray hands a submitted job's driver the job's config (runtime_env included) in this variable
+# (ray._private.runtime_env.constants.RAY_JOB_CONFIG_JSON_ENV_VAR) and merges it into the driver's ray.init.
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
 def worker_env() -> dict:
     """The driver's credentials for the job's runtime_env, so every worker on every node has them. Never
     printed; note that Ray's dashboard shows a job's runtime_env to whoever can open the job."""
     return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+
+
+def in_submitted_job() -> bool:
+    return JOB_CONFIG_ENV in os.environ
+
+
+def redact(text: str) -> str:
+    """`text` with each forwarded value (8+ characters: shorter ones would garble the text) shown as <NAME>."""
+    for name, value in worker_env().items():
+        if len(value) >= 8:
+            text = text.replace(value, f"<{name}>")
+    return text
 
 
 def _port_or_free(port: int) -> int:
@@ -60,7 +80,9 @@ def connect(address: str | None = None, num_cpus: int | None = None, dashboard: 
     if ray.is_initialized():
         return "already connected"
     if address:
-        env = worker_env()
+        # In a submitted job the job's runtime_env already gives every worker the credentials `submit` forwarded;
+        # naming one again fails ray.init ("Failed to merge the Job's runtime env"), an error quoting the values.
+        env = {} if in_submitted_job() else worker_env()
         ray.init(address=address, log_to_driver=log_to_driver, runtime_env={"env_vars": env} if env else None)
         return address
     # Ray Train's placement-group cleaner asks the State API whether our run is alive; left to find a dashboard

@@ -9,6 +9,9 @@ set on it, or (Ray 2.60) when a token is simply present on the head, while a cli
 same places Ray does, in Ray's order, and send it as `Authorization: Bearer ...` ourselves (the SDK
 leaves a caller's Authorization header alone). The token is never printed, logged or put into the
 job's runtime_env (which the dashboard shows to anyone who can see the job).
+
+The credentials `submit` forwards (cluster.connect.FORWARDED_ENV) do go into the runtime_env; whatever this
+module passes on from the head (logs, status messages, errors) has their values replaced by their names.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from urllib.parse import urlparse
 
 from actors.common.errors import InputError
 from actors.common.files import read_user_text
+from cluster.connect import redact
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +109,8 @@ def _errors(address: str, source: str, job_id: str | None = None):
             raise InputError(f"{address}: no job {job_id} on this cluster") from None
         if "Version check returned 404" in text:
             raise InputError(f"{address}: answers, but is not a Ray dashboard (no Jobs API)") from None
+        if redact(text) != text:  # the head's traceback quoted the runtime_env we sent
+            raise RuntimeError(redact(text)) from None
         raise
     except Exception as e:  # requests' own errors (timeouts, bad URLs) are not builtins
         if type(e).__module__.startswith(("requests", "urllib3", "aiohttp")):
@@ -174,14 +180,14 @@ def info(address: str, job_id: str) -> dict:
     """Status, message, entrypoint, times, as a plain dict (runtime_env left out: it can be large)."""
     c = client(address)
     d = _call(c, c.get_job_info, job_id, job_id=job_id)
-    return {"job_id": job_id, "status": str(d.status), "message": d.message, "entrypoint": d.entrypoint,
+    return {"job_id": job_id, "status": str(d.status), "message": redact(d.message or ""), "entrypoint": d.entrypoint,
             "start_time": d.start_time, "end_time": d.end_time, "driver_exit_code": d.driver_exit_code}
 
 
 def logs(address: str, job_id: str) -> str:
     """Everything the job has printed so far."""
     c = client(address)
-    return _call(c, c.get_job_logs, job_id, job_id=job_id)
+    return redact(_call(c, c.get_job_logs, job_id, job_id=job_id))
 
 
 def tail_logs(address: str, job_id: str) -> Iterator[str]:
@@ -195,7 +201,7 @@ def tail_logs(address: str, job_id: str) -> Iterator[str]:
                 chunk = _call(c, loop.run_until_complete, agen.__anext__(), job_id=job_id)
             except StopAsyncIteration:
                 return
-            yield chunk
+            yield redact(chunk)
     finally:
         loop.run_until_complete(agen.aclose())
         loop.close()

@@ -1,4 +1,5 @@
-"""The one owner of a run folder's lifecycle: what it holds, which config made each part, what is stale.
+"""The one owner of a run folder: every path in it (pipelines.layout), what it holds, which config made each part,
+what is stale. The folder is a local path or an object-storage URI (`s3://bucket/run`).
 
 A run folder has three parts, each made from part of the config:
     data   scored/, pairs/, candidates/, errors/, manifest.json   <- RunConfig.data_dict() (data hash)
@@ -11,13 +12,12 @@ unchanged part resumes.
 from __future__ import annotations
 
 import json
-import shutil
 import uuid
-from pathlib import Path
 
 from actors.common.errors import InputError
-from actors.common.files import atomic_write
+from cluster.storage import Location
 from pipelines.config import RunConfig
+from pipelines.layout import RunLayout
 
 DATA_PARTS = ("scored", "pairs", "candidates", "errors", ".views", ".faults", ".startup", "manifest.json")
 TRAIN_PARTS = ("train",)
@@ -46,21 +46,30 @@ def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
                   and not ((k not in a and off(b[k])) or (k not in b and off(a[k]))))
 
 
-class RunFolder:
+class RunFolder(RunLayout):
+    """A run folder's lifecycle for one config (`RunFolder(cfg)`); `RunFolder.at(path_or_uri)` for a folder whose
+    config is not at hand (its manifest still reads)."""
+
     def __init__(self, cfg: RunConfig):
-        self.cfg, self.path = cfg, Path(cfg.output_dir)
-        self.manifest_path = self.path / "manifest.json"
-        self.recipe_path = self.path / "train" / "recipe.json"
+        super().__init__(cfg.output_dir)
+        self.cfg = cfg
+
+    @classmethod
+    def at(cls, where) -> RunFolder:
+        folder = cls.__new__(cls)
+        RunLayout.__init__(folder, where)
+        folder.cfg = None
+        return folder
 
     # ---- what is there ------------------------------------------------------------------------------------
     def manifest(self) -> dict | None:
         if not self.manifest_path.exists():
             return None
         try:
-            return json.loads(self.manifest_path.read_text(encoding="utf-8"))
+            return json.loads(self.manifest_path.read_text())
         except (ValueError, UnicodeDecodeError):
             raise InputError("manifest.json is not valid JSON; move the folder away or pass --overwrite",
-                             file=str(self.path)) from None
+                             file=str(self.root)) from None
 
     def stale_data(self) -> list[str] | None:
         """Changed generation keys (None: no data yet or the same config)."""
@@ -72,17 +81,17 @@ class RunFolder:
 
     def stale_train(self) -> list[str] | None:
         """Changed training keys (None: no training yet or the same recipe)."""
-        if not (self.path / "train").exists():
+        if not self.train.exists():
             return None
         if not self.recipe_path.exists():
             return ["(unrecorded training recipe)"]
-        recipe = json.loads(self.recipe_path.read_text(encoding="utf-8"))
+        recipe = json.loads(self.recipe_path.read_text())
         if recipe.get("train_hash") == self.cfg.train_hash():
             return None
         return changed_keys(recipe.get("train", {}), self.cfg.train_dict(), "train")
 
     # ---- claiming it for this config -----------------------------------------------------------------------
-    def prepare(self, overwrite: bool = False, data: bool = True, train: bool = False) -> Path:
+    def prepare(self, overwrite: bool = False, data: bool = True, train: bool = False) -> Location:
         """Check that this config may write its data (`data`) and training (`train`) here; with overwrite, clear
         what is stale. Nothing is removed unless every check passed."""
         data = self.stale_data() if data else None
@@ -90,16 +99,16 @@ class RunFolder:
         if not overwrite:
             if data:
                 raise InputError(f"holds generated data of another config (changed: {', '.join(data)}); use "
-                                 "another output_dir or pass --overwrite", file=str(self.path))
+                                 "another output_dir or pass --overwrite", file=str(self.root))
             if trained:
                 raise InputError(f"holds a training run of another recipe (changed: {', '.join(trained)}); use "
-                                 "another output_dir or pass --overwrite", file=str(self.path))
+                                 "another output_dir or pass --overwrite", file=str(self.root))
         self._check_writable()
         if data:
             self._remove(DATA_PARTS + TRAIN_PARTS + EVAL_PARTS)
         elif trained:
             self._remove(TRAIN_PARTS + EVAL_PARTS)
-        return self.path
+        return self.root
 
     def clear(self) -> None:
         """Everything this folder holds of a run (a fresh start, e.g. for a benchmark)."""
@@ -107,25 +116,25 @@ class RunFolder:
 
     def claim_train(self) -> None:
         """Record the recipe before training writes anything: a later config is compared with it."""
-        self.recipe_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.recipe_path, json.dumps({"train_hash": self.cfg.train_hash(),
-                                                   "train": self.cfg.train_dict()}, indent=2))
+        self.train.mkdir()
+        self.recipe_path.write_text(json.dumps({"train_hash": self.cfg.train_hash(),
+                                                "train": self.cfg.train_dict()}, indent=2))
 
     def write_manifest(self, manifest: dict) -> None:
         base = {"config": self.cfg.to_dict(), "data_config": self.cfg.data_dict(), "data_hash": self.cfg.hash()}
-        atomic_write(self.manifest_path, json.dumps({**base, **manifest}, indent=2))
+        self.manifest_path.write_text(json.dumps({**base, **manifest}, indent=2))
 
     # ---- helpers ------------------------------------------------------------------------------------------
     def _check_writable(self) -> None:
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            probe = self.path / f".write-test-{uuid.uuid4().hex[:6]}"
+            self.root.mkdir()
+            probe = self.root / f".write-test-{uuid.uuid4().hex[:6]}"
             probe.write_text("")
             probe.unlink()
         except OSError as e:
-            raise InputError(f"output folder is not writable ({e.strerror})", file=str(self.path)) from None
+            raise InputError(f"output folder is not writable ({getattr(e, 'strerror', None) or e})",
+                             file=str(self.root)) from None
 
     def _remove(self, names) -> None:
         for name in names:
-            target = self.path / name
-            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+            (self.root / name).rmtree()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["tests.multinode"]  # multi-node Ray + S3 fixtures
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "configs" / "data"          # POPE and MMHal-Bench files vendored in the repo (see its README)
 
@@ -121,3 +122,19 @@ def tiny_config(tiny: dict[str, Path], output_dir: Path, **overrides):
     cfg.samplers[0].model = str(tiny["llava"])
     cfg.samplers[1].model = str(tiny["llava-b"])
     return cfg
+
+
+def tiny_yaml(tiny: dict[str, Path], folder: Path, output_dir: str, **sections) -> str:
+    """A config file that extends configs/tiny.yaml with the session's tiny models and `sections` merged over it:
+    what a CLI subprocess or a job takes."""
+    import yaml
+    sampler = {"temperature": 1.0, "max_new_tokens": 16, "batch_size": 8}
+    cfg = {"extends": str(ROOT / "configs" / "tiny.yaml"), "output_dir": output_dir, "tiny_models": None,
+           "images": {"model": str(tiny["sd"])}, "selection": {"model": str(tiny["clip"])},
+           "samplers": [{"model": str(tiny["llava"]), "name": "tiny-llava-a", "n": 2, **sampler},
+                        {"model": str(tiny["llava-b"]), "name": "tiny-llava-b", "n": 1, **sampler}],
+           "rewards": {"text_model": str(tiny["reward"]), "clip_model": str(tiny["clip"])},
+           "train": {"model": str(tiny["llava"])}, **sections}
+    path = folder / f"config-{len(list(folder.glob('config-*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)

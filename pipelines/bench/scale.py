@@ -117,7 +117,7 @@ def train_child(address: str, model: str, data: str, out: str, steps: int) -> di
     return {"seconds": round(time.time() - t0, 1), "worker_peak_rss_mb": summary["peak_rss_mb_by_rank"],
             "worker_peak_anon_mb": summary["peak_anon_mb_by_rank"],
             "driver_peak_rss_mb": peak_rss_mb(),
-            "rows_used": summary["rows_used"], "steps": summary["steps"]}
+            "rows_used": summary["rows_used"], "steps": summary["steps"], "records_mb": summary["records_mb"]}
 
 
 def bench_scale(work: Path, tiny: Path, sizes=(1000, 16000), px: int = 512, steps: int = 4,
@@ -150,10 +150,9 @@ def bench_scale(work: Path, tiny: Path, sizes=(1000, 16000), px: int = 512, step
                                           "out": str(run / "train"), "steps": steps})
         out["runs"].append({"pairs": n, "parquet_mb": _mb(run / "pairs"), "scored_mb": _mb(run / "scored"),
                             "train_folder_mb": _mb(run / "train"),
-                            # the training data folder (train/train/data: the records) against the pairs it holds
-                            "train_data_mb": _mb(run / "train" / "train" / "data"),
-                            "train_data_ratio": round(_bytes(run / "train" / "train" / "data")
-                                                      / max(1, _bytes(run / "pairs")), 3),
+                            # the records a node trains on (built in its scratch folder) against the pairs they hold
+                            "train_data_mb": train["records_mb"],
+                            "train_data_ratio": round(train["records_mb"] * 2**20 / max(1, _bytes(run / "pairs")), 3),
                             "write_seconds": made, "finalize": fold, **train})
         keep()
         if n == sizes[-1] and fold_pairs in (None, n):   # the views figures on this folder: no second 12 GB log

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from actors.common.errors import InputError
 from cluster.connect import worker_env
+from cluster.storage import is_uri
 
 JOBS = ("generate", "run", "train")
 
@@ -62,10 +63,10 @@ def check_for_cluster(cfg, root: Path) -> list[str]:
                              f"use an absolute path that exists on the cluster: --set {key}=/path/on/cluster",
                              field=key) from None
     notes = []
-    if "://" not in cfg.output_dir and not Path(cfg.output_dir).is_absolute():
+    if not is_uri(cfg.output_dir) and not Path(cfg.output_dir).is_absolute():
         notes.append(f"output_dir '{cfg.output_dir}' is relative: the job writes it inside its working_dir "
-                     "copy on the head, which Ray deletes later; on a multi-node cluster use a folder every "
-                     "node mounts, e.g. --set output_dir=/mnt/shared/runs/NAME")
+                     "copy on the head, which Ray deletes later; write to object storage, e.g. "
+                     "--set output_dir=s3://BUCKET/runs/NAME, or to a folder every node mounts")
     return notes
 
 

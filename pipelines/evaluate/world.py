@@ -22,9 +22,11 @@ from pathlib import Path
 
 from actors.common import shapes
 from actors.common.objects import POPE_SUFFIX
+from cluster.storage import local_folder
 from pipelines.evaluate.chair import chair
 from pipelines.evaluate.config import WorldEvalConfig
 from pipelines.evaluate.pope import parse_pope_answer, pope_metrics
+from pipelines.layout import RunLayout
 
 POPE_KEYS = ("accuracy", "precision", "recall", "f1", "yes_ratio")
 
@@ -127,13 +129,16 @@ def run_world_eval(run_cfg, log=print, adapters: list[tuple[str, str]] | None = 
 
     `adapters` [(name, folder)]: every round's adapter of an iterative run, in order, on the same held-out set;
     summary.json then holds a `rounds` list, and `adapter` is the last round's."""
+    import tempfile
+
     import torch
     cfg: WorldEvalConfig = run_cfg.eval
-    out = Path(run_cfg.output_dir) / "eval"
-    out.mkdir(parents=True, exist_ok=True)
+    folder = RunLayout(run_cfg.output_dir)
+    out = folder.eval.mkdir()
     model = cfg.model or run_cfg.train.model
-    adapter = cfg.adapter or str(Path(run_cfg.output_dir) / "train" / "adapter")
+    adapter = cfg.adapter or str(folder.train_paths()["adapter"])
     models = [("base", None)] + (adapters or [("adapter", adapter)])
+    scratch = tempfile.TemporaryDirectory(prefix="synthalign-eval-")   # adapters on object storage load from here
     seed = run_cfg.prompts.seed if cfg.seed is None else cfg.seed
     threads = torch.get_num_threads()
     torch.set_num_threads(1)   # one thread: two are erratic on 2-core machines (STACK-NOTES)
@@ -144,15 +149,16 @@ def run_world_eval(run_cfg, log=print, adapters: list[tuple[str, str]] | None = 
                    "adapter": models[-1][1]}
         for name, path in models:
             t0 = time.time()
-            metrics, records = evaluate_model(load_model(model, path), data, cfg)
+            local = local_folder(path, Path(scratch.name) / name) if path else None
+            metrics, records = evaluate_model(load_model(model, local), data, cfg)
             summary[name] = {**metrics, "seconds": round(time.time() - t0, 1)}
-            with open(out / f"answers-{name}.jsonl", "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in records)
+            (out / f"answers-{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
             log(f"eval {name}: POPE accuracy {metrics['pope']['accuracy']:.3f} (yes ratio "
                 f"{metrics['pope']['yes_ratio']:.2f}), CHAIR_i {metrics['chair']['chair_i']:.3f}, "
                 f"CHAIR_s {metrics['chair']['chair_s']:.3f}")
     finally:
         torch.set_num_threads(threads)
+        scratch.cleanup()
     if adapters:
         summary["rounds"] = [{"round": i, "adapter": path, **summary.pop(name)}
                              for i, (name, path) in enumerate(adapters, 1)]
@@ -161,5 +167,5 @@ def run_world_eval(run_cfg, log=print, adapters: list[tuple[str, str]] | None = 
         summary["adapter"] = {k: v for k, v in last.items() if k not in ("round", "adapter")}
         summary["adapter_path"], summary["adapter_round"] = last["adapter"], last["round"]
         (out / "answers-adapter.jsonl").write_bytes((out / f"answers-{adapters[-1][0]}.jsonl").read_bytes())
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    folder.eval_summary.write_text(json.dumps(summary, indent=2))
     return summary

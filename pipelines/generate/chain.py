@@ -10,11 +10,12 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from actors.common.guard import FAULTS_ENV
 from actors.contract import PROMPT_COLUMNS, STAGES, check_chain
 from cluster.resources import PoolConfig, map_batches_kwargs, map_on_pool
+from cluster.storage import Location
+from pipelines.layout import RunLayout
 
 
 @dataclass
@@ -64,7 +65,7 @@ class Chain:
             label = getattr(kwargs.get("cfg"), "label", None)   # a sampler per model
             loads[f"{cls.__name__}:{label}" if label else cls.__name__] = round(time.time() - t, 3)
         if startup_dir:
-            record_startup(Path(startup_dir), type(self).__name__, t0, loads)
+            record_startup(Location(startup_dir), type(self).__name__, t0, loads)
 
     def __call__(self, batch):
         for part in self.parts:
@@ -72,9 +73,9 @@ class Chain:
         return batch
 
 
-def record_startup(folder: Path, name: str, t0: float, loads: dict) -> None:
+def record_startup(folder: Location, name: str, t0: float, loads: dict) -> None:
     """One JSON file per actor: when its process started, when its constructor began and ended, and each stage's
-    load seconds. The run folder is shared storage (the shard writes land there too); best effort: a missing
+    load seconds, in the run folder (a folder every node sees, or object storage); best effort: a missing
     record costs a figure, never the run."""
     try:
         import psutil
@@ -83,11 +84,10 @@ def record_startup(folder: Path, name: str, t0: float, loads: dict) -> None:
     except Exception:
         started = cpu = None
     try:
-        folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{name}-{os.getpid()}.json").write_text(json.dumps(
             {"actor": name, "process_start": started, "init_start": t0, "ready": time.time(), "loads": loads,
              "cpu_at_ready": cpu}))
-    except OSError:
+    except (OSError, TypeError):
         pass
 
 
@@ -129,7 +129,7 @@ def build_pipeline(cfg, prompts, vocab, stages=STAGES, swap: dict | None = None,
         if cfg.faults and cfg.faults.stage:  # test-only fault injection travels as an env var
             kwargs.setdefault("runtime_env", {}).setdefault("env_vars", {})[FAULTS_ENV] = json.dumps(
                 {**dataclasses.asdict(cfg.faults),
-                 "marker_dir": cfg.faults.marker_dir or str(Path(cfg.output_dir, ".faults"))})
+                 "marker_dir": cfg.faults.marker_dir or str(RunLayout(cfg.output_dir).faults)})
         ds = map_on_pool(ds, named_chain(step.name), kwargs, batch_format="pyarrow",
                          fn_constructor_kwargs={"parts": step.parts, "threads": step.pool.threads,
                                                 "startup_dir": startup_dir})

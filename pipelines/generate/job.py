@@ -7,7 +7,6 @@ place (views.py), so a reader never sees half a file.
 """
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from actors.common.errors import InputError
 from actors.common.files import looks_local
 from actors.rewards import load_vocab
 from cluster.resources import WRITE_CPUS, task_kwargs
+from cluster.storage import Location, check_everywhere
 from pipelines.config import RunConfig
 from pipelines.folder import RunFolder
 from pipelines.generate.chain import build_pipeline, rows_per_block
@@ -69,13 +69,13 @@ def prepare(cfg: RunConfig, overwrite: bool = False, train: bool = False):
     return prompts, vocab, RunFolder(cfg).prepare(overwrite, train=train)  # last: only then is anything removed
 
 
-def write_scored(ds, folder: Path, rows_per_shard: int) -> None:
+def write_scored(ds, folder, rows_per_shard: int) -> None:
     """Stream a pipeline's rows into durable shards (the write is a light task beside the actor pools)."""
     from pipelines.generate.sink import AtomicParquetSink
     ds.write_datasink(AtomicParquetSink(str(folder), rows_per_shard), ray_remote_args=task_kwargs(WRITE_CPUS))
 
 
-def startup_timings(folder: Path, stream_start: float, scored: Path, since: float) -> dict:
+def startup_timings(folder, stream_start: float, scored, since: float) -> dict:
     """From the actors' records (chain.record_startup) and the shards: seconds from the stream's start until
     the last actor's constructor began (`actor_start`: scheduling and process start) and until the last was ready
     (`actors_ready`); the slowest actor's own load (`model_load`) and each stage's; the CPU-s all actors used until
@@ -83,7 +83,7 @@ def startup_timings(folder: Path, stream_start: float, scored: Path, since: floa
     counted from `since` (`first_pair`)."""
     import json
     recs = []
-    for f in folder.glob("*.json"):
+    for f in Location(folder).glob("*.json"):
         try:
             recs.append(json.loads(f.read_text()))
         except (OSError, ValueError):
@@ -102,7 +102,7 @@ def startup_timings(folder: Path, stream_start: float, scored: Path, since: floa
         cpu = [r.get("cpu_at_ready") for r in recs]
         if all(c is not None for c in cpu):
             out["actors_start_cpu"] = round(sum(cpu), 1)
-    written = [p.stat().st_mtime for p in shards(scored)]
+    written = [p.mtime() for p in shards(scored)]
     new = [t for t in written if t >= stream_start]
     if new:
         out["first_pair"] = round(min(new) - since, 2)
@@ -116,21 +116,21 @@ def run_generate(cfg: RunConfig, overwrite: bool = False, prepared=None, clock: 
     figures count from the command's start when given. `swap`: stage stand-ins by pool key (the benchmarks')."""
     t0 = time.time()
     since = (clock or {}).get("command_start", t0)
-    prompts, vocab, out = prepared or prepare(cfg, overwrite)
+    prompts, vocab, _ = prepared or prepare(cfg, overwrite)
     folder = RunFolder(cfg)
+    check_everywhere(folder.root)   # a local folder on several nodes: every node must see it
     base = {"versions": package_versions()}
     folder.write_manifest({**base, "status": "running"})  # claims the folder for this config
-    scored = out / "scored"
+    scored, startup = folder.scored, folder.startup
     clean_partial(scored)
     plan = prompts.plan(question_counts(scored), lambda todo: rows_per_block(cfg, todo))
-    startup = out / ".startup"
-    shutil.rmtree(startup, ignore_errors=True)   # this invocation's actors only
+    startup.rmtree()   # this invocation's actors only
     t_prep = time.time()
     if plan.todo:
         write_scored(build_pipeline(cfg, prompts.dataset(plan), vocab, swap=swap, startup_dir=str(startup)), scored,
                      cfg.rows_per_shard)
     t_stream = time.time()
-    counts = finalize(out, cfg.min_rows_per_file)
+    counts = finalize(folder.root, cfg.min_rows_per_file)
     counts["images_rendered"] = plan.todo * cfg.images.num_candidates
     counts["prompts_resumed"] = plan.done
     error_fraction = counts["errors"] / max(1, counts["questions"])
@@ -146,5 +146,5 @@ def run_generate(cfg: RunConfig, overwrite: bool = False, prepared=None, clock: 
     if status == "failed":
         raise JobError(f"{counts['errors']} of {counts['questions']} image-questions failed "
                        f"({error_fraction:.1%} > max_error_fraction {cfg.max_error_fraction:.1%}); "
-                       f"see {out / 'errors'}")
+                       f"see {folder.errors}")
     return manifest

@@ -7,40 +7,35 @@ each `pair_key`, so a prompt redone after a crash is never counted twice.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 from actors.contract import PAIR_COLUMNS
 from actors.rewards import RewardScorer
+from cluster.storage import Location, read_table
 
 LINEAGE_COLUMNS = ("question_index", "candidate_scores", "candidate_seeds", "candidate_guidance", "stage_nodes")
 
 
-def shards(folder: Path) -> list[Path]:
-    return sorted(folder.glob("shard-*.parquet")) if folder.is_dir() else []
+def shards(folder) -> list[Location]:
+    return Location(folder).glob("shard-*.parquet")
 
 
-def read_shard(path: Path, columns=None):
-    import pyarrow.parquet as pq
-    if columns is not None:
-        names = pq.read_schema(path).names
-        columns = [c for c in columns if c in names]
-    return pq.read_table(path, columns=columns)
+def read_shard(path, columns=None):
+    return read_table(Location(path), columns)
 
 
-def clean_partial(scored: Path) -> int:
+def clean_partial(scored) -> int:
     """Remove temporary files a killed run left behind; returns how many."""
-    leftovers = list(scored.glob(".shard-*.tmp")) if scored.is_dir() else []
+    leftovers = Location(scored).glob(".shard-*.tmp")
     for f in leftovers:
-        f.unlink(missing_ok=True)
+        f.unlink()
     return len(leftovers)
 
 
-def done_prompts(scored: Path, expected_rows: dict[str, int]) -> set[str]:
+def done_prompts(scored, expected_rows: dict[str, int]) -> set[str]:
     """Prompts whose every image-question is already in `scored/` without an error."""
     return {pid for pid, n in question_counts(scored).items() if n >= expected_rows.get(pid, 1 << 30)}
 
 
-def question_counts(scored: Path) -> dict[str, int]:
+def question_counts(scored) -> dict[str, int]:
     """Per prompt in `scored/`, its distinct image-questions written without an error. The shards the views have
     folded are known by the key index (`.views/keys-*.parquet`: the first good row of each key); the others are
     read for three columns. Pairs are counted in Arrow (tens of bytes a row), never as Python sets."""
@@ -48,9 +43,11 @@ def question_counts(scored: Path) -> dict[str, int]:
     import pyarrow.compute as pc
 
     from pipelines.generate.views import folded_key_files
-    folded, key_files = folded_key_files(scored.parent, {f.name for f in shards(scored)})
+    scored = Location(scored)
+    written = shards(scored)
+    folded, key_files = folded_key_files(scored.parent, {f.name for f in written})
     parts = [read_shard(f, ["prompt_id", "pair_key"]) for f in key_files]
-    for f in shards(scored):
+    for f in written:
         if f.name not in folded:
             t = read_shard(f, ["prompt_id", "pair_key", "error"])
             if "error" in t.column_names:
@@ -134,8 +131,9 @@ def fold_rows(t, good_seen: set, errors: dict) -> dict:
             "duplicates": duplicates, "dropped": dropped}
 
 
-def finalize(out: Path, rows_per_file: int) -> dict:
+def finalize(out, rows_per_file: int) -> dict:
     """Bring pairs/, candidates/ and errors/ up to date with scored/, folding in only the shards they lack
     (views.py); returns the row counts of the whole folder."""
     from pipelines.generate.views import fold
-    return fold(Path(out), rows_per_file, shards(Path(out) / "scored"), fold_rows)
+    out = Location(out)
+    return fold(out, rows_per_file, shards(out / "scored"), fold_rows)

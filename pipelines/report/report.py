@@ -6,32 +6,34 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 import json
 from collections import Counter
-from pathlib import Path
 
 from actors.common.errors import InputError
+from cluster.storage import Location, read_schema, read_table
+from pipelines.layout import RunLayout
 
 
-def _column(folder: Path, column: str) -> list:
-    import pyarrow.parquet as pq
+def _column(folder: Location, column: str) -> list:
     values = []
-    for f in sorted(folder.glob("*.parquet")):
-        if column in pq.read_schema(f).names:
-            values += pq.read_table(f, columns=[column]).column(column).to_pylist()
+    for f in folder.glob("*.parquet"):
+        if column in read_schema(f).names:
+            values += read_table(f, [column]).column(column).to_pylist()
     return values
 
 
-def _plot(path: Path, draw) -> Path:
+def _plot(path: Location, draw) -> Location:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
     draw(ax)
     fig.tight_layout()
-    fig.savefig(path, format="png")
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
     plt.close(fig)
-    return path
+    return path.write_bytes(png.getvalue())
 
 
 def _binnable(values: list) -> list:
@@ -40,7 +42,7 @@ def _binnable(values: list) -> list:
     return [round(v, 9) for v in values]
 
 
-def _rewards(ax, pairs: Path):
+def _rewards(ax, pairs: Location):
     chosen, rejected = _binnable(_column(pairs, "chosen_reward")), _binnable(_column(pairs, "rejected_reward"))
     ax.hist([chosen, rejected], bins=20, label=["chosen", "rejected"], alpha=0.8)
     ax.set_xlabel("combined reward")
@@ -48,13 +50,13 @@ def _rewards(ax, pairs: Path):
     ax.legend()
 
 
-def _margins(ax, pairs: Path):
+def _margins(ax, pairs: Location):
     ax.hist(_binnable(_column(pairs, "margin")), bins=20, color="tab:green")
     ax.set_xlabel("margin (chosen - rejected)")
     ax.set_ylabel("pairs")
 
 
-def _models(ax, pairs: Path):
+def _models(ax, pairs: Location):
     chosen, rejected = Counter(_column(pairs, "chosen_model")), Counter(_column(pairs, "rejected_model"))
     names = sorted(set(chosen) | set(rejected))
     xs = range(len(names))
@@ -108,10 +110,10 @@ def _eval_bars(ax, summary: dict):
     ax.legend()
 
 
-def _rounds_section(run: Path, manifest: dict, plots_dir: Path) -> tuple[list[str], list]:
+def _rounds_section(run: RunLayout, manifest: dict, plots_dir: Location) -> tuple[list[str], list]:
     """An iterative run: one row per round (its data, training and held-out numbers), base first; a plot of the
     held-out numbers over rounds. Each round's own report is in its folder."""
-    path = run / "eval" / "summary.json"
+    path = run.eval_summary
     summary = json.loads(path.read_text()) if path.exists() else {}
     evals = {r["round"]: r for r in summary.get("rounds", [])}
     if "base" in summary:
@@ -146,24 +148,23 @@ def _rounds_section(run: Path, manifest: dict, plots_dir: Path) -> tuple[list[st
     return md, plots
 
 
-def write_report(run_dir: str | Path) -> tuple[Path, Path]:
-    run = Path(run_dir)
-    if not (run / "manifest.json").exists():
-        raise InputError("not a run folder (no manifest.json)", file=str(run))
-    manifest = json.loads((run / "manifest.json").read_text())
-    plots_dir = run / "report"
-    plots_dir.mkdir(exist_ok=True)
+def write_report(run_dir) -> tuple[Location, Location]:
+    run = RunLayout(run_dir)
+    if not run.manifest_path.exists():
+        raise InputError("not a run folder (no manifest.json)", file=str(run.root))
+    manifest = json.loads(run.manifest_path.read_text())
+    plots_dir = run.report_dir.mkdir()
     if "rounds" in manifest:
         md, plots = _rounds_section(run, manifest, plots_dir)
-        md = [f"# SynthAlign run report: `{run}`", "", f"{len(manifest['rounds'])} rounds, status "
+        md = [f"# SynthAlign run report: `{run.root}`", "", f"{len(manifest['rounds'])} rounds, status "
               f"**{manifest.get('status', '?')}**.", ""] + md
         return _write(run, md, plots)
-    md = [f"# SynthAlign run report: `{run}`", "", f"Data hash `{manifest.get('data_hash')}`, "
+    md = [f"# SynthAlign run report: `{run.root}`", "", f"Data hash `{manifest.get('data_hash')}`, "
           f"status **{manifest.get('status', '?')}**.", "", "## Data", ""]
     counts = manifest.get("counts", {})
     md += ["| count | value |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in counts.items()] + [""]
     plots = []
-    pairs = run / "pairs"
+    pairs = run.pairs
     if counts.get("pairs"):
         for name, title, draw in (("rewards", "Chosen and rejected rewards", _rewards),
                                   ("margins", "Reward margins", _margins),
@@ -171,7 +172,7 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
             plots.append((title, _plot(plots_dir / f"{name}.png", lambda ax, d=draw: d(ax, pairs))))
     else:
         md.append("No pairs yet.")
-    metrics_path = run / "train" / "metrics.jsonl"
+    metrics_path = run.train_paths()["metrics"]
     md += ["", "## Training", ""]
     if metrics_path.exists():
         metrics = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
@@ -184,7 +185,7 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     else:
         md.append("Not trained yet (`synthalign train`).")
     md += ["", "## Evaluation: base vs adapter", ""]
-    summary_path = run / "eval" / "summary.json"
+    summary_path = run.eval_summary
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())
         md += _eval_table(summary)
@@ -196,15 +197,15 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     return _write(run, md, plots)
 
 
-def _write(run: Path, md: list[str], plots: list) -> tuple[Path, Path]:
+def _write(run: RunLayout, md: list[str], plots: list) -> tuple[Location, Location]:
     md += ["", "## Plots", ""] + [f"### {t}\n\n![{t}](report/{p.name})\n" for t, p in plots]
-    md_path = run / "report.md"
+    md_path = run.report_md
     md_path.write_text("\n".join(md) + "\n")
     body = "".join(
         f"<h3>{html.escape(t)}</h3><img alt='{html.escape(t)}' src='data:image/png;base64,"
         f"{base64.b64encode(p.read_bytes()).decode()}'/>" for t, p in plots)
     text = "\n".join(line for line in md if not line.startswith(("![", "### ", "## Plots")))
-    html_path = run / "report.html"
+    html_path = run.report_html
     html_path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>SynthAlign report</title>"
                          f"</head><body><pre>{html.escape(text)}</pre>{body}</body></html>\n")
     return md_path, html_path

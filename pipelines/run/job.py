@@ -1,8 +1,6 @@
 """`synthalign run`: generate, train, evaluate base vs adapter (when the config has `eval:`), then the report."""
 from __future__ import annotations
 
-from pathlib import Path
-
 from pipelines.config import RunConfig
 from pipelines.evaluate.world import run_world_eval
 from pipelines.folder import RunFolder
@@ -13,8 +11,9 @@ from pipelines.train.job import run_train
 
 def train_run(cfg: RunConfig, data: str | None = None) -> dict:
     """Train on a run folder's pairs (or `data`), recording the recipe first so a later config is compared."""
-    RunFolder(cfg).claim_train()
-    return run_train(cfg.train, data or cfg.train.data or str(Path(cfg.output_dir) / "pairs"), cfg.output_dir)
+    folder = RunFolder(cfg)
+    folder.claim_train()
+    return run_train(cfg.train, data or cfg.train.data or str(folder.pairs), cfg.output_dir)
 
 
 def prepare_run(cfg: RunConfig, overwrite: bool = False):
@@ -34,13 +33,13 @@ def run_all(cfg: RunConfig, prepared, log=print, clock: dict | None = None) -> d
         return run_rounds(cfg, prepared, log)
     manifest = run_generate(cfg, prepared=prepared, clock=clock)
     c = manifest["counts"]
-    log(f"pairs: {c['pairs']} of {c['questions']} image-questions -> {cfg.output_dir}/pairs")
+    log(f"pairs: {c['pairs']} of {c['questions']} image-questions -> {RunFolder(cfg).pairs}")
     summary = train_run(cfg)
     log(f"train: {summary['steps']} steps, final loss {summary['final_loss']} -> {summary['adapter']}")
     evaluation = None
     if cfg.eval:
         evaluation = run_world_eval(cfg, log)
-        log(f"eval: {cfg.output_dir}/eval/summary.json")
+        log(f"eval: {RunFolder(cfg).eval_summary}")
     md, html = write_report(cfg.output_dir)
     log(f"report: {md} and {html}")
     return {"generate": manifest, "train": summary, "eval": evaluation, "report": [str(md), str(html)]}

@@ -16,17 +16,14 @@ from __future__ import annotations
 import copy
 import json
 import time
-from pathlib import Path
 
 from actors.common.errors import InputError
-from actors.common.files import atomic_write
 from pipelines.config import RunConfig
 from pipelines.folder import RunFolder
-from pipelines.train.job import train_paths
 
 
-def round_dir(cfg: RunConfig, r: int) -> Path:
-    return Path(cfg.output_dir) / "rounds" / str(r)
+def round_dir(cfg: RunConfig, r: int):
+    return RunFolder.at(cfg.output_dir).round_dir(r)
 
 
 def round_config(cfg: RunConfig, r: int) -> RunConfig:
@@ -43,7 +40,7 @@ def round_config(cfg: RunConfig, r: int) -> RunConfig:
     if r == 1:
         return c
     prev = round_config(cfg, r - 1)
-    paths = train_paths(prev.output_dir)
+    paths = RunFolder.at(prev.output_dir).train_paths()
     c.previous = prev.train_hash()
     c.train.init_adapter = str(paths["adapter"])
     for s, given in zip(c.samplers, on_policy):
@@ -63,7 +60,7 @@ def round_done(c: RunConfig) -> bool:
     folder = RunFolder(c)
     m = folder.manifest()
     return (m is not None and m.get("status") == "complete" and folder.stale_data() is None
-            and folder.stale_train() is None and train_paths(c.output_dir)["summary"].exists())
+            and folder.stale_train() is None and folder.train_paths()["summary"].exists())
 
 
 def prepare_rounds(cfg: RunConfig, overwrite: bool = False):
@@ -74,7 +71,7 @@ def prepare_rounds(cfg: RunConfig, overwrite: bool = False):
     top = RunFolder(cfg)
     if (top.manifest() or {"rounds": []}).get("rounds") is None:   # a one-round run's folder
         if not overwrite:
-            raise InputError("holds a one-round run; use another output_dir or pass --overwrite", file=str(top.path))
+            raise InputError("holds a one-round run; use another output_dir or pass --overwrite", file=str(top.root))
         top.clear()
     if not overwrite:
         for c in configs:
@@ -87,7 +84,7 @@ def prepare_rounds(cfg: RunConfig, overwrite: bool = False):
 
 def _round_record(c: RunConfig, r: int, on_policy: list[str]) -> dict:
     m = RunFolder(c).manifest() or {}
-    summary = train_paths(c.output_dir)["summary"]
+    summary = RunFolder.at(c.output_dir).train_paths()["summary"]
     train = json.loads(summary.read_text()) if summary.exists() else None
     return {"round": r, "output_dir": c.output_dir, "data_hash": c.hash(), "train_hash": c.train_hash(),
             "previous": c.previous, "status": m.get("status", "pending"), "counts": m.get("counts"),
@@ -101,8 +98,9 @@ def write_rounds_manifest(cfg: RunConfig, status: str) -> dict:
     records = [_round_record(c, r, on_policy) for r, c in enumerate(round_configs(cfg), 1)]
     manifest = {"config": cfg.to_dict(), "status": status, "rounds": records,
                 "counts": {"rounds": cfg.rounds, "pairs": sum((x["counts"] or {}).get("pairs", 0) for x in records)}}
-    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-    atomic_write(Path(cfg.output_dir) / "manifest.json", json.dumps(manifest, indent=2))
+    top = RunFolder.at(cfg.output_dir)
+    top.root.mkdir()
+    top.manifest_path.write_text(json.dumps(manifest, indent=2))
     return manifest
 
 
@@ -123,7 +121,7 @@ def run_rounds(cfg: RunConfig, prepared, log=print) -> dict:
         manifest = run_generate(c, prepared=prepared if r == 1 else prepare(c, train=True))
         log(f"round {r}: pairs {manifest['counts']['pairs']} of {manifest['counts']['questions']} -> {c.output_dir}")
         RunFolder(c).claim_train()   # as `run` does: the recipe first, so a later config is compared with it
-        summary = run_train(c.train, str(Path(c.output_dir) / "pairs"), c.output_dir)
+        summary = run_train(c.train, str(RunFolder(c).pairs), c.output_dir)
         log(f"round {r}: train {summary['steps']} steps, final loss {summary['final_loss']}")
         write_report(c.output_dir)
         results.append({"round": r, "generate": manifest, "train": summary, "seconds": round(time.time() - t0, 1)})
@@ -131,7 +129,7 @@ def run_rounds(cfg: RunConfig, prepared, log=print) -> dict:
     evaluation = None
     if cfg.eval:
         from pipelines.evaluate.world import run_world_eval
-        adapters = [(f"round-{r}", str(train_paths(c.output_dir)["adapter"])) for r, c in
+        adapters = [(f"round-{r}", str(RunFolder(c).train_paths()["adapter"])) for r, c in
                     enumerate(round_configs(cfg), 1)]
         evaluation = run_world_eval(cfg, log, adapters=adapters)
     manifest = write_rounds_manifest(cfg, "complete")

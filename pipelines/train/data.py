@@ -1,6 +1,7 @@
 """Pairs rows -> TRL's vision preference records: the columns training reads and the rows it cannot use."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 from actors.common.errors import InputError
@@ -65,19 +66,40 @@ def to_trl_records(table_or_rows, drop_invalid: bool = True) -> list[dict]:
 
 
 def parquet_files(data_path: str) -> list[str]:
-    """The pairs Parquet files of a folder (or one file), each checked for the columns training reads."""
-    import pyarrow.parquet as pq
-    if "://" in data_path:          # remote storage: let Ray Data list and read it
-        return [data_path]
-    p = Path(data_path).resolve()
-    files = [str(p)] if p.is_file() else sorted(str(f) for f in p.glob("*.parquet")) if p.is_dir() else []
+    """The pairs Parquet files of a folder (or one file), local or on object storage, each checked for the columns
+    training reads: absolute local paths, or URIs. The workers read them straight from where they are."""
+    from cluster.storage import Location, is_uri, read_schema
+    where = Location(data_path if is_uri(data_path) else str(Path(data_path).resolve()))
+    try:
+        files = [where] if where.is_file() else where.glob("*.parquet") if where.is_dir() else []
+    except OSError as e:   # an object store that refuses (no bucket, no credentials)
+        raise InputError(f"cannot list the pairs: {e}", file=str(where)) from None
     if not files:
-        raise InputError("no *.parquet pairs files found (run `synthalign generate` first)", file=str(p))
+        raise InputError("no *.parquet pairs files found (run `synthalign generate` first)", file=str(where))
     for f in files:
-        missing = [c for c in TRAIN_COLUMNS if c not in pq.read_schema(f).names]
+        try:
+            names = read_schema(f).names
+        except (OSError, ValueError) as e:   # pyarrow's ArrowInvalid is a ValueError
+            raise InputError(f"cannot read as Parquet: {e}", file=str(f)) from None
+        missing = [c for c in TRAIN_COLUMNS if c not in names]
         if missing:
-            raise InputError(f"not a pairs file: missing column(s) {missing}", file=f)
-    return files
+            raise InputError(f"not a pairs file: missing column(s) {missing}", file=str(f))
+    return [str(f) for f in files]
+
+
+@contextmanager
+def open_parquet(f: str):
+    """A pairs file (a local path or a URI) for reading by row batches: an object is read by ranges, never whole."""
+    import pyarrow.parquet as pq
+
+    from cluster.storage import Location, is_uri
+    if not is_uri(f):
+        with pq.ParquetFile(f) as pf:
+            yield pf
+        return
+    loc = Location(f)
+    with loc.fs.open_input_file(loc.path) as source:
+        yield pq.ParquetFile(source)
 
 
 def trl_features(extra: dict | None = None):
@@ -140,7 +162,6 @@ def build_trl_dataset(files: list[str], folder: Path, max_length: int | None = N
 
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
     from datasets import Features, Value
     from datasets.arrow_writer import ArrowWriter
 
@@ -151,11 +172,12 @@ def build_trl_dataset(files: list[str], folder: Path, max_length: int | None = N
     with atomic_dir(folder / "records") as tmp:
         writer = ArrowWriter(features=trl_features(), path=str(tmp / RECORDS), writer_batch_size=BATCH_ROWS)
         for f in files:
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=BATCH_ROWS, columns=list(TRAIN_COLUMNS)):
-                out, kept = _convert(batch.to_pydict(), max_length, processor, dropped)
-                if kept:
-                    writer.write_batch(out)
-                    ids.append(pa.array(kept, pa.string()))
+            with open_parquet(f) as pf:
+                for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=list(TRAIN_COLUMNS)):
+                    out, kept = _convert(batch.to_pydict(), max_length, processor, dropped)
+                    if kept:
+                        writer.write_batch(out)
+                        ids.append(pa.array(kept, pa.string()))
         writer.finalize()
         # datasets' own indices-mapping file (a uint64 "indices" column): Dataset.from_file maps it.
         order = pc.sort_indices(pa.chunked_array(ids, pa.string())).cast(pa.uint64())

@@ -1,9 +1,10 @@
 """What each Ray Train worker runs for `pipelines.train.job.run_train`: TRL DPOTrainer + PEFT LoRA (+ DeepSpeed).
 
-Checkpoints go to Ray Train through `RayTrainReportCallback`; a restarted worker group (FailureConfig) or a rerun
-on the same output_dir resumes from `ray.train.get_checkpoint()`. Rank 0 writes metrics.jsonl, the adapter,
-the merged model and summary.json straight into the output_dir, which must be on storage every node sees
-(as Ray Train's own storage_path under it must be).
+Checkpoints go to Ray Train through `RayTrainReportCallback` (Ray uploads them to its storage_path, local or
+object storage); a restarted worker group (FailureConfig) or a rerun on the same output_dir resumes from
+`ray.train.get_checkpoint()`. Each node builds the records in its own scratch folder; rank 0 writes
+metrics.jsonl, TensorBoard events, the adapter, the merged model and summary.json to the output location
+(see pipelines.train.outputs). No node needs a disk it shares with another.
 """
 from __future__ import annotations
 
@@ -15,8 +16,16 @@ import tempfile
 from pathlib import Path
 
 from actors.common.runtime import peak_rss_mb
-from pipelines.train.data import build_trl_dataset, load_records
+from cluster.storage import local_folder
 from pipelines.train.dpo import PROJECTOR, dpo_args, lora_config, trainer_class
+from pipelines.train.outputs import (
+    MetricsLog,
+    RunOutputs,
+    is_node_builder,
+    node_id,
+    node_records,
+    remove_node_scratch,
+)
 
 METRIC_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                "learning_rate", "grad_norm", "epoch")
@@ -53,38 +62,26 @@ def _setup_distributed_state(use_deepspeed: bool, use_cuda: bool) -> dict:
     return {"accelerator_config": {"use_configured_state": True}}
 
 
-def _shared_dataset(files, cfg, processor, folder: Path, rank: int):
-    """Rank 0 writes the TRL records to `folder` (the run's storage, which every node sees), the others wait;
-    then every rank memory-maps it. No process holds the pairs in memory."""
-    import torch.distributed as dist
-    if rank == 0:
-        build_trl_dataset(files, folder, cfg.max_length, processor)
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-    return load_records(folder), json.loads((folder / "dropped.json").read_text())
-
-
-def _callbacks(paths: dict, start_step: int, fail_at_step: int | None):
+def _callbacks(outputs: RunOutputs, metrics: MetricsLog, start_step: int, fail_at_step: int | None):
     from transformers import TrainerCallback
 
     class MetricsJsonl(TrainerCallback):
-        """Rank 0 appends one JSON line per logged step; lines past the resumed step are dropped first."""
+        """Rank 0 logs one JSON line per logged step (lines past the resumed step are dropped first); at each
+        checkpoint the metrics and TensorBoard events reach the output location too."""
 
         def on_train_begin(self, args, state, control, **kwargs):
-            if not state.is_world_process_zero:
-                return
-            p = Path(paths["metrics"])
-            keep = []
-            if p.exists() and start_step > 0:
-                keep = [ln for ln in p.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start_step]
-            p.write_text("".join(ln + "\n" for ln in keep))
+            if state.is_world_process_zero:
+                metrics.start(start_step)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not state.is_world_process_zero or not logs or "loss" not in logs:
                 return
-            line = {"step": state.global_step, **{k: float(logs[k]) for k in METRIC_KEYS if k in logs}}
-            with open(paths["metrics"], "a") as f:
-                f.write(json.dumps(line) + "\n")
+            metrics.add({"step": state.global_step, **{k: float(logs[k]) for k in METRIC_KEYS if k in logs}})
+
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                metrics.flush()
+                outputs.publish("tb")
 
     class FailAfterCheckpoint(TrainerCallback):
         """Test hook: raise after the checkpoint of `fail_at_step` was reported, once per starting point."""
@@ -113,33 +110,38 @@ def _train(config: dict, memory: PeakAnonymousMemory) -> None:
     import ray.train
     import torch
 
-    cfg, paths, ds_config = config["cfg"], config["paths"], config["deepspeed"]
+    cfg, ds_config, run_id = config["cfg"], config["deepspeed"], config["run_id"]
     torch.set_num_threads(cfg.workers.threads)
     use_cuda = torch.cuda.is_available() and cfg.workers.use_gpu
     extra = _setup_distributed_state(ds_config is not None, use_cuda)
-    if "tensorboard" in cfg.report_to:
-        os.environ["TENSORBOARD_LOGGING_DIR"] = paths["tb"]
 
     from ray.train.huggingface.transformers import RayTrainReportCallback
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
-    processor = AutoProcessor.from_pretrained(cfg.model)
-    train_ds, dropped = _shared_dataset(config["files"], cfg, processor, Path(paths["data"]), rank)
-    if not len(train_ds):
-        raise ValueError(f"no trainable pairs rows (dropped: {dropped})")
-
-    work_dir = tempfile.mkdtemp(prefix=f"dpo-rank{rank}-")   # HF checkpoints before Ray copies them to storage
+    nodes = _gather(node_id())
+    builder = is_node_builder(rank, nodes)
+    # HF checkpoints before Ray uploads them, and rank 0's results before they reach object storage
+    work_dir = Path(tempfile.mkdtemp(prefix=f"dpo-rank{rank}-"))
+    outputs = RunOutputs(config["paths"], work_dir)
+    metrics = MetricsLog(outputs.loc["metrics"])
     try:
-        args = dpo_args(cfg, work_dir, ds_config, world_size=ctx.get_world_size(), **extra)
+        if "tensorboard" in cfg.report_to:
+            os.environ["TENSORBOARD_LOGGING_DIR"] = str(outputs.local("tb"))
+        processor = AutoProcessor.from_pretrained(cfg.model)
+        train_ds, dropped, records_bytes = node_records(config["files"], cfg, processor, run_id, builder)
+        if not len(train_ds):
+            raise ValueError(f"no trainable pairs rows (dropped: {dropped})")
+        args = dpo_args(cfg, str(work_dir / "hf"), ds_config, world_size=ctx.get_world_size(), **extra)
         dtype = torch.bfloat16 if cfg.bf16 else torch.float32
         model = AutoModelForImageTextToText.from_pretrained(cfg.model, dtype=dtype)
         peft_config = lora_config(cfg)
         init_checksum = None
         if cfg.init_adapter:   # a later round continues the adapter of the round before
             from peft import PeftModel
-            model, peft_config = PeftModel.from_pretrained(model, cfg.init_adapter, is_trainable=True), None
+            init_adapter = local_folder(cfg.init_adapter, work_dir / "init_adapter")
+            model, peft_config = PeftModel.from_pretrained(model, init_adapter, is_trainable=True), None
             # what training starts from, for the record (0 under ZeRO-3, whose weights are partitioned on load)
             init_checksum = sum(float(p.detach().double().sum()) for p in model.parameters() if p.requires_grad)
 
@@ -149,7 +151,7 @@ def _train(config: dict, memory: PeakAnonymousMemory) -> None:
             start_step = _checkpoint_step(resume_from) if resume_from else 0
             trainer = trainer_class(cfg)(model=model, args=args, train_dataset=train_ds, processing_class=processor,
                                  peft_config=peft_config,
-                                 callbacks=_callbacks(paths, start_step, config.get("fail_at_step")))
+                                 callbacks=_callbacks(outputs, metrics, start_step, config.get("fail_at_step")))
             if cfg.init_adapter and cfg.reference == "base":
                 # TRL keeps a frozen copy of a starting adapter ("ref") as the reference; without it the reference
                 # is the model with its adapters disabled: the base.
@@ -159,18 +161,23 @@ def _train(config: dict, memory: PeakAnonymousMemory) -> None:
             trainer.model.delete_adapter("ref")   # the saved adapter is the policy's alone
 
         # Every rank takes part (ZeRO-3 gathers the adapter; the checksums are a collective); rank 0 writes.
-        trainer.save_model(paths["adapter"])
+        adapter = outputs.local("adapter") if rank == 0 else work_dir / "adapter"
+        trainer.save_model(str(adapter))
         checksums = _replica_checksums(trainer, ds_config)
         peak_rss = _gather(peak_rss_mb())
         memory.sample()
         peak_anon = _gather(round(memory.peak, 1))
         if trainer.is_world_process_zero():
-            processor.save_pretrained(paths["adapter"])
+            processor.save_pretrained(adapter)
+            outputs.publish("adapter")
             trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
             if cfg.merge_adapter:
-                _merge(cfg, paths, dtype)
+                _merge(cfg, adapter, outputs.local("merged"), dtype)
+                outputs.publish("merged")
+            metrics.flush()
+            outputs.publish("tb")
             losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-            Path(paths["summary"]).write_text(json.dumps({
+            outputs.write_json("summary", {
                 "steps": trainer.state.global_step, "final_loss": losses[-1] if losses else None,
                 "resumed_from_step": start_step, "init_adapter": cfg.init_adapter, "init_checksum": init_checksum,
                 "reference": cfg.reference if cfg.init_adapter else "base",
@@ -186,10 +193,12 @@ def _train(config: dict, memory: PeakAnonymousMemory) -> None:
                 "gradient_accumulation_steps": args.gradient_accumulation_steps,
                 "distributed_type": str(trainer.accelerator.distributed_type).split(".")[-1],
                 "num_processes": trainer.accelerator.num_processes, "replica_checksums": checksums,
-                "peak_rss_mb_by_rank": peak_rss, "peak_anon_mb_by_rank": peak_anon,
-            }, indent=2))
+                "peak_rss_mb_by_rank": peak_rss, "peak_anon_mb_by_rank": peak_anon, "nodes": len(set(nodes)),
+                "records_mb": round(records_bytes / 2**20, 3),
+            })
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
+        remove_node_scratch(run_id, builder)
 
 
 class PeakAnonymousMemory:
@@ -242,7 +251,7 @@ def _replica_checksums(trainer, ds_config) -> list[float] | None:
     return _gather(local)
 
 
-def _merge(cfg, paths: dict, dtype) -> None:
+def _merge(cfg, adapter: Path, merged_dir: Path, dtype) -> None:
     """Reload the base model, apply the saved adapter, merge and save (works whatever ZeRO stage trained it)."""
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -250,9 +259,9 @@ def _merge(cfg, paths: dict, dtype) -> None:
     # Under ZeRO-3 from_pretrained would partition the weights with a collective only this rank joins (hang).
     unset_hf_deepspeed_config()
     base = AutoModelForImageTextToText.from_pretrained(cfg.model, dtype=dtype)
-    merged = PeftModel.from_pretrained(base, paths["adapter"]).merge_and_unload()
-    merged.save_pretrained(paths["merged"])
-    AutoProcessor.from_pretrained(paths["adapter"]).save_pretrained(paths["merged"])
+    merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+    merged.save_pretrained(str(merged_dir))
+    AutoProcessor.from_pretrained(str(adapter)).save_pretrained(str(merged_dir))
     # In the hub's weight names, which vLLM's LLaVA loader needs (an on-policy round samples from this model).
     from pipelines.models.tiny import to_hub_layout
-    to_hub_layout(paths["merged"])
+    to_hub_layout(merged_dir)

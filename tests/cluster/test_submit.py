@@ -143,6 +143,18 @@ def test_addresses_entrypoints_and_runtime_env():
         jobs.runtime_env(ROOT, {"RAY_AUTH_TOKEN": "x"})
 
 
+def test_forwarded_credentials_are_values_and_shown_by_name_only(monkeypatch):
+    from cluster import connect
+    from cluster import submit as jobs
+    for name in connect.FORWARDED_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "wandb-" + "7" * 20)
+    monkeypatch.setenv("AWS_REGION", "eu-west-3")
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", "/home/me/gcp.json")  # a file: the job's node lacks it
+    assert connect.worker_env() == {"WANDB_API_KEY": "wandb-" + "7" * 20, "AWS_REGION": "eu-west-3"}
+    assert jobs.redact("key wandb-77777777777777777777 in eu-west-3") == "key <WANDB_API_KEY> in <AWS_REGION>"
+
+
 def test_config_must_be_inside_the_uploaded_folder(tmp_path):
     from actors.common.errors import InputError
     from pipelines.cli.cluster import config_in_project
@@ -250,6 +262,52 @@ def test_submit_generate_wait_then_status_and_logs(head, tmp_path):
     assert r.returncode == 0 and "pairs: " in r.stdout and head["token"] not in r.stdout
     r = cli(["jobs", "stop", job_id, "--address", head["address"]], home, RAY_AUTH_TOKEN=head["token"])
     assert r.returncode == 0 and r.stdout.strip() == f"{job_id}: already ended"
+
+
+# Put in the job's working_dir: Ray puts that folder on every job process's PYTHONPATH, so each Python process
+# of the job (driver, supervisor, every Ray worker) records a hash of the credentials it was started with.
+PROBE = """\
+import hashlib, json, os, sys
+if os.environ.get("SA_PROBE_DIR"):
+    seen = {k: hashlib.sha256(v.encode()).hexdigest() for k, v in os.environ.items() if k in %r}
+    with open(os.path.join(os.environ["SA_PROBE_DIR"], "%%d.json" %% os.getpid()), "w") as f:
+        json.dump({"argv0": os.path.basename(sys.argv[0]), "job": os.environ.get("RAY_JOB_ID"), "seen": seen}, f)
+"""
+
+
+def test_credentials_in_the_shell_reach_the_jobs_workers_and_are_never_printed(head, tmp_path):
+    """The head was started without them; a real generate job gets them from the submitting shell, succeeds, and
+    neither `submit --wait` nor `jobs logs` shows a value."""
+    import hashlib
+    creds = {"HF_TOKEN": "hf_" + secrets.token_hex(8), "WANDB_API_KEY": secrets.token_hex(20),
+             "AWS_ACCESS_KEY_ID": "AKIA" + secrets.token_hex(8).upper()}
+    home, wd, probe = tmp_path / "home", tmp_path / "wd", tmp_path / "probe"
+    for d in (home, wd / "configs", probe):
+        d.mkdir(parents=True)
+    shutil.copy(ROOT / "configs" / "tiny.yaml", wd / "configs")
+    (wd / "sitecustomize.py").write_text(PROBE % (tuple(creds),))
+    r = cli(["submit", str(wd / "configs" / "tiny.yaml"), "--working-dir", str(wd), "--address", head["address"],
+             "--job", "generate", "--set", "prompts.num_prompts=2", "--set", f"output_dir={tmp_path / 'run'}",
+             "--env", f"SA_PROBE_DIR={probe}", "--wait"],
+            home, RAY_AUTH_TOKEN=head["token"], **creds)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    job_id = re.search(r"^submitted (raysubmit_\w+)", r.stdout, re.M)[1]
+    assert r.stdout.rstrip().endswith(f"job {job_id}: SUCCEEDED")
+    note = re.search(r"^synthalign: note: passing (.*) from this shell to the job \(value not shown\)$", r.stderr, re.M)
+    assert note and set(creds) <= set(note[1].split(", ")), r.stderr
+    # Nothing was there to hide: no value, and no value replaced by its name.
+    for name, value in creds.items():
+        assert value not in r.stdout + r.stderr and f"<{name}>" not in r.stdout + r.stderr, name
+    want = {k: hashlib.sha256(v.encode()).hexdigest() for k, v in creds.items()}
+    records = [json.loads(f.read_text()) for f in probe.glob("*.json")]
+    workers = [rec for rec in records if rec["argv0"] == "default_worker.py"]
+    # The job supervisor runs under the dashboard's Ray job; the generate job's own workers under another.
+    assert len({rec["job"] for rec in workers}) >= 2, records
+    assert all(rec["seen"] == want for rec in workers), records
+    # From a shell without the credentials (nothing to redact with): the job's own output has no value either.
+    r = cli(["jobs", "logs", job_id, "--address", head["address"]], home, RAY_AUTH_TOKEN=head["token"])
+    assert r.returncode == 0 and "pairs: " in r.stdout
+    assert not any(value in r.stdout + r.stderr for value in creds.values())
 
 
 def test_hf_token_reaches_workers_on_another_node_and_is_never_printed(head, tmp_path):

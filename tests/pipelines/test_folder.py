@@ -1,6 +1,8 @@
 """The run folder's one owner: stale parts are named, cleared only with --overwrite, unchanged parts resume."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from conftest import ROOT
 
@@ -19,10 +21,10 @@ def fake_run(c):
     folder.prepare(train=True)
     folder.write_manifest({"status": "complete"})
     for part in ("scored", "pairs", "train/ray/dpo", "eval"):
-        (folder.path / part).mkdir(parents=True, exist_ok=True)
-        (folder.path / part / "x").write_text("old")
+        (Path(folder.root) / part).mkdir(parents=True, exist_ok=True)
+        (Path(folder.root) / part / "x").write_text("old")
     folder.claim_train()
-    return folder.path
+    return Path(folder.root)
 
 
 def test_unchanged_config_resumes_everything(tmp_path):

@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from train_fixtures import COLOURS, QUESTION, make_pairs_parquet, make_tiny_llava  # noqa: E402
 
 from cluster.resources import WorkersConfig  # noqa: E402
+from pipelines.folder import RunFolder  # noqa: E402
 from pipelines.models.tiny import hub_key  # noqa: E402
 from pipelines.train.config import (  # noqa: E402
     LoraConfig,
@@ -26,7 +27,7 @@ from pipelines.train.config import (  # noqa: E402
     load_deepspeed_config,
 )
 from pipelines.train.data import to_trl_records  # noqa: E402
-from pipelines.train.job import read_metrics, run_train, train_paths  # noqa: E402
+from pipelines.train.job import read_metrics, run_train  # noqa: E402
 
 STEPS, FAIL_AT = 16, 8
 ZERO2 = "configs/deepspeed/zero2.json"
@@ -118,6 +119,11 @@ def assert_data_parallel(summary: dict, distributed_type: str):
     assert summary["rows_used"] == N_GOOD and summary["rows_dropped"] == N_BAD
     assert summary["trainable_in_vision_tower"] == 0 and summary["projector_trained"]
     assert summary["trainable_params"] > 0
+
+
+def train_paths(out) -> dict[str, Path]:
+    """The train layout of a local run folder, as local paths."""
+    return {k: v.local for k, v in RunFolder.at(out).train_paths().items()}
 
 
 def losses(out) -> list[float]:
