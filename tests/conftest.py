@@ -134,7 +134,9 @@ def tiny_yaml(tiny: dict[str, Path], folder: Path, output_dir: str, **sections) 
            "samplers": [{"model": str(tiny["llava"]), "name": "tiny-llava-a", "n": 2, **sampler},
                         {"model": str(tiny["llava-b"]), "name": "tiny-llava-b", "n": 1, **sampler}],
            "rewards": {"text_model": str(tiny["reward"]), "clip_model": str(tiny["clip"])},
-           "train": {"model": str(tiny["llava"])}, **sections}
+           "train": {"model": str(tiny["llava"])}}
+    for key, value in sections.items():   # a section merges over the one above (the extends file merges too)
+        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) and isinstance(cfg.get(key), dict) else value
     path = folder / f"config-{len(list(folder.glob('config-*.yaml')))}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return str(path)

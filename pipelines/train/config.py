@@ -72,7 +72,8 @@ class TrainConfig:
     save_steps: int = 50
     logging_steps: int = 1
     num_to_keep: int = 2
-    max_failures: int = 0
+    # Restarts of the worker group from the latest checkpoint after a worker or its node is lost (-1: forever).
+    max_failures: int = 3
     merge_adapter: bool = False
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     seed: int = 0

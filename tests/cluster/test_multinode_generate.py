@@ -8,10 +8,12 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 
 import pytest
-from conftest import tiny_yaml
+from conftest import ROOT, tiny_yaml
 
 from cluster.storage import Location, read_table
 
@@ -125,3 +127,71 @@ def test_a_worker_node_killed_mid_run_changes_nothing_in_the_pairs(ray_nodes, sh
     manifest = json.loads(Location(f"{uri}/manifest.json").read_text())
     assert manifest["status"] == "complete" and same_counts(manifest, one_node[1])
     print(f"killed mid-run: {manifest['counts']['duplicates_skipped']} rows redone after the lost node")
+
+
+def submit(ray_nodes, workdir, config: str, *args) -> subprocess.CompletedProcess:
+    """`synthalign submit CONFIG --job run --wait` with `workdir` as the uploaded working_dir (the config in it)."""
+    from tests.multinode import base_env
+    cmd = [sys.executable, "-m", "pipelines.cli", "submit", Path(config).name, "--address", ray_nodes["dashboard"],
+           "--working-dir", str(workdir), "--job", "run", "--wait", *args]
+    return subprocess.run(cmd, cwd=workdir, env=base_env(ray_nodes["env"]), capture_output=True, text=True,
+                          timeout=1500)
+
+
+def run_sections(max_failures: int = 0) -> dict:
+    """Train with one worker per node (1 CPU each), ZeRO-2 over gloo as tiny.yaml does, checkpoints every 2 steps."""
+    return {"train": {"deepspeed": str(ROOT / "configs" / "deepspeed" / "zero2.json"), "save_steps": 2,
+                      "max_failures": max_failures, "workers": {"num_workers": 2, "num_cpus": 1}},
+            "eval": {"world": "generated", "num_images": 4, "questions_per_image": 1, "caption_tokens": 8}}
+
+
+def test_a_submitted_run_on_two_nodes_writes_pairs_adapter_and_report_to_the_bucket(
+        ray_nodes, shared_models, one_node, s3_server, monkeypatch, tmp_path):
+    for k, v in s3_server["env"].items():
+        monkeypatch.setenv(k, v)
+    uri = s3_server["bucket"]() + "/run"
+    config = write_config(shared_models, tmp_path, uri, **run_sections())
+    t0 = time.time()
+    r = submit(ray_nodes, tmp_path, config)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-3000:]
+    print(f"two-node submitted run: {time.time() - t0:.0f} s")
+    assert pairs(f"{uri}/pairs").equals(one_node[0])
+    root = Location(uri)
+    summary = json.loads((root / "train" / "summary.json").read_text())
+    assert summary["nodes"] == 2            # one worker per node
+    assert summary["steps"] > 0 and (root / "train" / "adapter" / "adapter_config.json").exists()
+    assert (root / "train" / "adapter" / "adapter_model.safetensors").exists()
+    assert (root / "eval" / "summary.json").exists() and (root / "report.html").exists()
+    assert (root / "report.md").read_text().startswith(f"# SynthAlign run report: `{uri}`")
+
+
+def test_a_worker_node_lost_mid_training_resumes_from_the_checkpoint_in_the_bucket(
+        ray_nodes, shared_models, one_node, s3_server, monkeypatch, tmp_path):
+    for k, v in s3_server["env"].items():
+        monkeypatch.setenv(k, v)
+    uri = s3_server["bucket"]() + "/run"
+    sections = run_sections(max_failures=3)
+    sections["train"]["num_train_epochs"] = 3.0       # long enough to lose a node between checkpoints
+    config = write_config(shared_models, tmp_path, uri, **{**sections, "eval": None})
+    box = {}
+    thread = threading.Thread(target=lambda: box.update(r=submit(ray_nodes, tmp_path, config)))
+    thread.start()
+    runs = Location(f"{uri}/train/ray/dpo")
+    deadline, seen = time.time() + 900, set()
+    while len(seen) < 2:     # the second has begun: the first is whole and reported
+        assert thread.is_alive() and time.time() < deadline, box.get("r")
+        seen.update(d.name for d in runs.glob("checkpoint_*"))
+        time.sleep(0.5)
+    killed = ray_nodes["kill_worker"]()
+    time.sleep(3)
+    ray_nodes["start_worker"]()
+    thread.join(timeout=1500)
+    r = box["r"]
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-3000:]
+    assert killed not in ray_nodes["alive_nodes"]()
+    summary = json.loads(Location(f"{uri}/train/summary.json").read_text())
+    assert summary["resumed_from_step"] >= 2 and summary["steps"] > summary["resumed_from_step"], r.stdout[-6000:]
+    metrics = [json.loads(line) for line in Location(f"{uri}/train/metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == sorted({m["step"] for m in metrics})   # each step logged once
+    assert pairs(f"{uri}/pairs").equals(one_node[0])
+    print(f"lost a node at a checkpoint; resumed from step {summary['resumed_from_step']} of {summary['steps']}")
