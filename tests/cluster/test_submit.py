@@ -12,8 +12,6 @@ import random
 import re
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,53 +22,12 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
+from tests.multinode import free_ports, session_pids, stop_group
+
 pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
 CLEAN = ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def session_pids(sid: int) -> list[int]:
-    """Processes in session `sid`: `ray start` ran in its own session, and so did everything it spawned."""
-    pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[3]) == sid:  # stat fields after "(comm)": state ppid pgrp session ...
-                pids.append(int(d.name))
-    return pids
-
-
-def stop_head(proc: subprocess.Popen) -> None:
-    """SIGTERM to `ray start --block` tears its node down; then SIGKILL whatever is left in its session.
-    Never `ray stop`: it kills every Ray on the machine, other people's test runs included."""
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        pass
-    deadline = time.time() + 15
-    while session_pids(proc.pid) and time.time() < deadline:
-        time.sleep(0.5)
-    for pid in session_pids(proc.pid):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +70,7 @@ def head():
         yield {"address": address, "token": token, "tmp": tmp, "pid": proc.pid, "gcs": f"127.0.0.1:{gcs}",
                "auth_mode": mode["authentication_mode"]}
     finally:
-        stop_head(proc)
+        stop_group(proc)
         log.close()
         shutil.rmtree(tmp, ignore_errors=True)
 
