@@ -50,7 +50,7 @@ FILE_KEYS = ("rewards.synonyms_file", "prompts.file", "prompts.instructions_file
 
 
 def check_for_cluster(cfg, root: Path) -> list[str]:
-    """Fail on relative paths the job cannot see; return notes on what will surprise on a cluster."""
+    """Fail on paths the job cannot see or would lose (a relative output_dir); returns notes (none so far)."""
     for key in FILE_KEYS:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name, None)
@@ -62,12 +62,11 @@ def check_for_cluster(cfg, root: Path) -> list[str]:
             raise InputError(f"{value} is outside the project folder, so the job will not have it; "
                              f"use an absolute path that exists on the cluster: --set {key}=/path/on/cluster",
                              field=key) from None
-    notes = []
     if not is_uri(cfg.output_dir) and not Path(cfg.output_dir).is_absolute():
-        notes.append(f"output_dir '{cfg.output_dir}' is relative: the job writes it inside its working_dir "
-                     "copy on the head, which Ray deletes later; write to object storage, e.g. "
-                     "--set output_dir=s3://BUCKET/runs/NAME, or to a folder every node mounts")
-    return notes
+        raise InputError(f"'{cfg.output_dir}' is relative: the job would write it inside its working_dir copy on the "
+                         "head, which Ray deletes; write to object storage (--set output_dir=s3://BUCKET/runs/NAME) "
+                         "or to a folder every node mounts", field="output_dir")
+    return []
 
 
 def cmd_submit(args) -> int:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from actors.common.errors import InputError, raise_first
 from actors.common.files import looks_local
-from cluster.storage import Location, is_uri
+from cluster.storage import Location, check_everywhere, is_uri
 from pipelines.layout import RunLayout
 from pipelines.train.config import (
     TrainConfig,
@@ -76,6 +76,7 @@ def run_train(cfg: TrainConfig, data_path: str | None, output_dir: str, resume: 
     files = parquet_files(data_path or cfg.data or str(RunLayout(output_dir).pairs))
     if not ray.is_initialized():
         raise RuntimeError("run_train needs a Ray connection: call ray.init() first (the CLI does)")
+    check_everywhere(RunLayout(output_dir).root)   # a local output_dir on several nodes: every node must see it
     try:
         _clear(paths, resume)
     except OSError as e:   # an object store that refuses (no bucket, no credentials)

@@ -129,7 +129,10 @@ def test_paths_the_job_cannot_see_fail_before_upload(tmp_path):
     with pytest.raises(InputError, match="rewards.synonyms_file.*outside the project folder"):
         check_for_cluster(cfg, ROOT)
     cfg = load_config(ROOT / "configs" / "tiny.yaml")
-    assert "output_dir 'runs/tiny' is relative" in check_for_cluster(cfg, ROOT)[0]
+    with pytest.raises(InputError, match="output_dir.*'runs/tiny' is relative.*s3://"):
+        check_for_cluster(cfg, ROOT)
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["output_dir=s3://bucket/runs/tiny"])
+    assert check_for_cluster(cfg, ROOT) == []
     cfg = load_config(ROOT / "configs" / "paper.yaml", [f"output_dir={tmp_path}"])
     assert check_for_cluster(cfg, ROOT) == []  # deepspeed config inside the project is fine
 
@@ -188,7 +191,8 @@ def test_missing_wrong_and_unreachable_give_one_clear_line(head, tmp_path):
     assert "no job raysubmit_x" in r.stderr, r.stderr
     # A submit without a token fails the same way, before anything runs.
     (home / ".ray" / "auth_token").unlink()
-    r = cli(["submit", "configs/tiny.yaml", "--address", head["address"], "--job", "generate"], home)
+    r = cli(["submit", "configs/tiny.yaml", "--address", head["address"], "--job", "generate",
+             "--set", "output_dir=s3://bucket/runs/tiny"], home)
     assert r.returncode == 2 and "requires an auth token" in r.stderr
 
 
