@@ -72,7 +72,8 @@ def _port_or_free(port: int) -> int:
 
 def connect(address: str | None = None, num_cpus: int | None = None, dashboard: bool = True,
             log_to_driver: bool = True) -> str:
-    """Attach to `address` (or RAY_ADDRESS), else start a local Ray bound to 127.0.0.1."""
+    """Attach to `address` (or RAY_ADDRESS), else start a local Ray bound to 127.0.0.1. Returns the address, or
+    a local Ray's dashboard URL (8265, or a free port when another local run holds it)."""
     import ray
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
@@ -85,11 +86,28 @@ def connect(address: str | None = None, num_cpus: int | None = None, dashboard: 
         env = {} if in_submitted_job() else worker_env()
         ray.init(address=address, log_to_driver=log_to_driver, runtime_env={"env_vars": env} if env else None)
         return address
+    for attempt in range(DASHBOARD_ATTEMPTS):
+        port = _port_or_free(8265) if dashboard else None
+        try:
+            _start_local(port, num_cpus, log_to_driver)
+            return f"http://127.0.0.1:{port}" if dashboard else "local"
+        except Exception as e:
+            # Another local run took the port between our check and Ray's bind: Ray stops at once; take another.
+            if not dashboard or attempt == DASHBOARD_ATTEMPTS - 1 or str(port) not in str(e):
+                raise
+            ray.shutdown()
+    raise AssertionError("unreachable")
+
+
+DASHBOARD_ATTEMPTS = 5
+
+
+def _start_local(port: int | None, num_cpus: int | None, log_to_driver: bool) -> None:
+    import ray
     # Ray Train's placement-group cleaner asks the State API whether our run is alive; left to find a dashboard
     # by itself it can ask another local cluster's, hear "not found" and kill our training workers (seen when a
     # second local Ray ran beside a shapes run). Point it at our own dashboard, or at nothing (then it waits).
-    port = _port_or_free(8265) if dashboard else None
-    api = f"http://127.0.0.1:{port}" if dashboard else "http://127.0.0.1:9"
+    api = f"http://127.0.0.1:{port}" if port else "http://127.0.0.1:9"
     # Through the environment, not a job runtime_env: a local Ray's processes inherit the driver's, and so do its
     # workers (credentials included). With a runtime_env no worker could use the ones Ray prestarts, and each
     # started through setup_worker.py, a second Python start (BENCHMARKS.md, "Where the pipeline's CPU goes").
@@ -99,11 +117,10 @@ def connect(address: str | None = None, num_cpus: int | None = None, dashboard: 
     os.environ["RAY_API_SERVER_ADDRESS"] = api
     try:
         # address="local": a fresh cluster, never one that happens to run on this machine already.
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=port is not None, dashboard_host="127.0.0.1",
                  dashboard_port=port, log_to_driver=log_to_driver, _system_config=local_system_config(num_cpus))
     finally:
         if before is None:
             os.environ.pop("RAY_API_SERVER_ADDRESS", None)
         else:
             os.environ["RAY_API_SERVER_ADDRESS"] = before
-    return "local"

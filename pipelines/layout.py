@@ -18,6 +18,8 @@ class RunLayout:
     faults = property(lambda self: self.root / ".faults")       # test-only fault markers
     startup = property(lambda self: self.root / ".startup")     # per-actor start records of one invocation
     manifest_path = property(lambda self: self.root / "manifest.json")
+    lock_path = property(lambda self: self.root / ".lock")           # flock of the run using a local folder
+    lease_path = property(lambda self: self.root / ".lock.json")     # its lease on object storage
     train = property(lambda self: self.root / "train")
     recipe_path = property(lambda self: self.root / "train" / "recipe.json")
     eval = property(lambda self: self.root / "eval")

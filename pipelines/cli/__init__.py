@@ -11,6 +11,7 @@ from pipelines.cli.bench import add_bench_command
 from pipelines.cli.cluster import add_cluster_commands
 from pipelines.cli.eval import add_eval_commands
 from pipelines.cli.plan import add_plan_command
+from pipelines.lock import RunLock
 from pipelines.typed import ConfigTypeError
 
 USER_ERRORS = (InputError, ConfigTypeError, ContractError)
@@ -21,6 +22,8 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set prompts.num_prompts=100 (repeatable)")
     p.add_argument("--address", help="Ray address to attach to (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--wait-for-lock", action="store_true",
+                   help="when another run is using output_dir, wait for it instead of stopping")
 
 
 # What the stream needs in the driver and `prepare` does not: Ray Data (with pandas, about 1 CPU-s). Imported on a
@@ -50,7 +53,9 @@ def _ray(args, warm: tuple = ()) -> dict:
     t, started = time.time(), psutil.Process().create_time()
     importer = threading.Thread(target=_import_quietly, args=(warm,), daemon=True)
     importer.start()
-    connect(args.address)
+    where = connect(args.address)
+    if where.startswith("http"):
+        print(f"ray: a local cluster for this run, dashboard {where}", file=sys.stderr)
     importer.join()
     # launch: Python, imports, the config and `prepare` (tiny models, prompts, the run folder) before Ray
     return {"command_start": started, "launch": round(t - started, 2), "ray_start": round(time.time() - t, 2)}
@@ -75,9 +80,10 @@ def cmd_generate(args) -> int:
     from pipelines.config import load_config
     from pipelines.generate.job import prepare, run_generate
     cfg = _one_round(load_config(args.config, args.overrides), "generate")
-    prepared = prepare(cfg, overwrite=args.overwrite)  # bad input fails here, before Ray starts
-    clock = _ray(args, warm=STREAM_MODULES)
-    manifest = run_generate(cfg, prepared=prepared, clock=clock)
+    with RunLock(cfg.output_dir, wait=args.wait_for_lock):
+        prepared = prepare(cfg, overwrite=args.overwrite)  # bad input fails here, before Ray starts
+        clock = _ray(args, warm=STREAM_MODULES)
+        manifest = run_generate(cfg, prepared=prepared, clock=clock)
     c = manifest["counts"]
     print(f"pairs: {c['pairs']} of {c['questions']} image-questions ({c['prompts']} prompts, {c['errors']} failed rows, "
           f"{c['answers']} answers, dropped {c['dropped'] or 'none'}) -> {cfg.output_dir}/pairs")
@@ -94,9 +100,10 @@ def cmd_train(args) -> int:
     from pipelines.train.job import check_recipe
     cfg = _one_round(load_config(args.config, args.overrides), "train")
     check_recipe(cfg.train)                                               # bad input fails before Ray starts
-    RunFolder(cfg).prepare(overwrite=args.overwrite, data=False, train=True)
-    _ray(args)
-    summary = train_run(cfg, args.data)
+    with RunLock(cfg.output_dir, wait=args.wait_for_lock):
+        RunFolder(cfg).prepare(overwrite=args.overwrite, data=False, train=True)
+        _ray(args)
+        summary = train_run(cfg, args.data)
     print(json.dumps(summary, indent=2, default=str))
     return 0
 
@@ -105,8 +112,9 @@ def cmd_run(args) -> int:
     from pipelines.config import load_config
     from pipelines.run.job import prepare_run, run_all
     cfg = load_config(args.config, args.overrides)
-    prepared = prepare_run(cfg, overwrite=args.overwrite)  # bad input fails here, before Ray starts
-    run_all(cfg, prepared, clock=_ray(args, warm=STREAM_MODULES))
+    with RunLock(cfg.output_dir, wait=args.wait_for_lock):
+        prepared = prepare_run(cfg, overwrite=args.overwrite)  # bad input fails here, before Ray starts
+        run_all(cfg, prepared, clock=_ray(args, warm=STREAM_MODULES))
     return 0
 
 
