@@ -7,6 +7,7 @@ place (views.py), so a reader never sees half a file.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -75,6 +76,13 @@ def write_scored(ds, folder, rows_per_shard: int) -> None:
     ds.write_datasink(AtomicParquetSink(str(folder), rows_per_shard), ray_remote_args=task_kwargs(WRITE_CPUS))
 
 
+def failure_reason(e: BaseException) -> str:
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted"
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:500]
+
+
 def startup_timings(folder, stream_start: float, scored, since: float) -> dict:
     """From the actors' records (chain.record_startup) and the shards: seconds from the stream's start until
     the last actor's constructor began (`actor_start`: scheduling and process start) and until the last was ready
@@ -126,11 +134,16 @@ def run_generate(cfg: RunConfig, overwrite: bool = False, prepared=None, clock: 
     plan = prompts.plan(question_counts(scored), lambda todo: rows_per_block(cfg, todo))
     startup.rmtree()   # this invocation's actors only
     t_prep = time.time()
-    if plan.todo:
-        write_scored(build_pipeline(cfg, prompts.dataset(plan), vocab, swap=swap, startup_dir=str(startup)), scored,
-                     cfg.rows_per_shard)
-    t_stream = time.time()
-    counts = finalize(folder.root, cfg.min_rows_per_file)
+    try:
+        if plan.todo:
+            write_scored(build_pipeline(cfg, prompts.dataset(plan), vocab, swap=swap, startup_dir=str(startup)),
+                         scored, cfg.rows_per_shard)
+        t_stream = time.time()
+        counts = finalize(folder.root, cfg.min_rows_per_file)
+    except BaseException as e:   # what was written stays; the manifest says why the run ended
+        with contextlib.suppress(OSError):   # storage that refuses the manifest too: the first error counts
+            folder.write_manifest({**base, "status": "failed", "reason": failure_reason(e)})
+        raise
     counts["images_rendered"] = plan.todo * cfg.images.num_candidates
     counts["prompts_resumed"] = plan.done
     error_fraction = counts["errors"] / max(1, counts["questions"])

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -137,6 +138,8 @@ def test_a_fatal_error_that_never_clears_fails_the_job_instead_of_quarantining(t
     assert len(fired) == ACTOR_TASK_RETRIES + 1  # the first try and every retry, each in a new actor process
     assert len(set(fired)) == len(fired)
     assert not (tmp_path / "run" / "errors").exists()
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and re.match(r"(Ray)?Actor\w*Error: ", manifest["reason"]), manifest
 
 
 def test_bad_rows_are_quarantined_and_the_error_budget_enforced(tiny_models, ray_local, tmp_path):
