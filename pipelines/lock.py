@@ -59,10 +59,15 @@ class RunLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+            # A run that failed before writing anything leaves no folder behind (bad input writes nothing).
+            if self._created and exc[0] is not None and [p.name for p in self.root.glob("*")] == [".lock"]:
+                self.layout.lock_path.unlink()
+                os.rmdir(self.root.path)
 
     # ---- a local folder ------------------------------------------------------------------------------------
     def _local_acquire(self) -> None:
         import fcntl
+        self._created = not self.root.exists()
         self.root.mkdir()
         fd = os.open(self.layout.lock_path.path, os.O_RDWR | os.O_CREAT, 0o644)
         while True:

@@ -97,11 +97,14 @@ def cmd_train(args) -> int:
     from pipelines.config import load_config
     from pipelines.folder import RunFolder
     from pipelines.run.job import train_run
+    from pipelines.train.data import parquet_files
     from pipelines.train.job import check_recipe
     cfg = _one_round(load_config(args.config, args.overrides), "train")
     check_recipe(cfg.train)                                               # bad input fails before Ray starts
     with RunLock(cfg.output_dir, wait=args.wait_for_lock):
-        RunFolder(cfg).prepare(overwrite=args.overwrite, data=False, train=True)
+        folder = RunFolder(cfg)
+        parquet_files(args.data or cfg.train.data or str(folder.pairs))   # every file's footer and columns
+        folder.prepare(overwrite=args.overwrite, data=False, train=True)
         _ray(args)
         summary = train_run(cfg, args.data)
     print(json.dumps(summary, indent=2, default=str))

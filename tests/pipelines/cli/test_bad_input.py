@@ -35,8 +35,9 @@ def existing_run(tmp_path) -> Path:
 
 
 def snapshot(folder: Path) -> dict:
+    """Every file's bytes, but the run lock's (taken before the checks, so that --overwrite is held too)."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
 
 
 def write(tmp_path, name, data: bytes | str) -> str:
