@@ -17,7 +17,7 @@ DROP_REASONS = ("too_few_answers", "identical", "below_margin", "non_finite_rewa
 class PairsConfig:
     min_margin: float = 0.0            # in combined-reward units (z-scores weighted)
     # Drop a pair of an open question (a caption, not "Is there a X ...?") whose two answers hallucinate equally:
-    # it only teaches naming more objects. An on-policy round has twice the share of them (BENCHMARKS.md).
+    # it only teaches naming more objects. An on-policy round has twice the share of them (docs/results.md).
     drop_coverage_only: bool = False
 
     def validate(self) -> list[Problem]:

@@ -26,7 +26,7 @@ def check_listening(address: str, timeout: float = 3.0) -> None:
 def local_system_config(num_cpus: int | None) -> dict:
     """Ray keeps about num_cpus workers (actors included) and kills other idle ones after 1 s. With actor pools
     holding every CPU of a small machine, each shard write then paid for a fresh worker process (~2.5 CPU-s,
-    measured in BENCHMARKS.md); a higher soft limit keeps a few idle workers for those light tasks."""
+    measured in docs/results.md); a higher soft limit keeps a few idle workers for those light tasks."""
     return {"num_workers_soft_limit": 2 * (num_cpus or os.cpu_count() or 1) + 8}
 
 
@@ -110,7 +110,7 @@ def _start_local(port: int | None, num_cpus: int | None, log_to_driver: bool) ->
     api = f"http://127.0.0.1:{port}" if port else "http://127.0.0.1:9"
     # Through the environment, not a job runtime_env: a local Ray's processes inherit the driver's, and so do its
     # workers (credentials included). With a runtime_env no worker could use the ones Ray prestarts, and each
-    # started through setup_worker.py, a second Python start (BENCHMARKS.md, "Where the pipeline's CPU goes").
+    # started through setup_worker.py, a second Python start (docs/results.md).
     # Only while Ray's processes start: left in the driver's environment it would become the default head of a
     # later `submit` from the same process (cluster/submit.py reads it).
     before = os.environ.get("RAY_API_SERVER_ADDRESS")

@@ -88,7 +88,7 @@ class ClusterShape:
 def _thread_env(threads: int, num_cpus: float) -> dict:
     """A runtime_env only when `threads` differs from Ray's own OMP_NUM_THREADS (floor of num_cpus, at least 1):
     an actor with a runtime_env cannot take one of Ray's prestarted workers and starts a fresh one through
-    setup_worker.py, a second Python start (about 1 CPU-s per actor, more under load; BENCHMARKS.md)."""
+    setup_worker.py, a second Python start (about 1 CPU-s per actor, more under load; docs/results.md)."""
     if threads == max(1, math.floor(num_cpus)):
         return {}
     return {"runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}}}

@@ -62,7 +62,7 @@ class RunConfig:
     # on_policy: true), then continues its adapter. Each round is a run folder of its own: <output_dir>/rounds/<r>.
     rounds: int = 1
     # Settings for rounds >= 2 only, merged over this config as `extends` merges (a list such as samplers is
-    # replaced whole): an on-policy round's data differ from round 1's (BENCHMARKS.md, rounds).
+    # replaced whole): an on-policy round's data differ from round 1's (docs/results.md, rounds).
     later_rounds: dict[str, Any] | None = None
     # Set by pipelines.run.rounds, not by hand: the train hash of the round this one samples from and continues.
     previous: str | None = None

@@ -31,7 +31,7 @@ def device_for(name: str) -> str:
 def png_bytes(image) -> bytes:
     buf = io.BytesIO()
     # No metadata: same pixels give the same bytes. Level 1: ~2-4x less CPU than PIL's default 6 for ~10% larger
-    # files (64-1024 px, BENCHMARKS.md); every candidate image of a run is encoded once.
+    # files (64-1024 px, docs/results.md); every candidate image of a run is encoded once.
     image.save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
 

@@ -157,7 +157,7 @@ def run_loop(cfg, rows: list[dict], out: Path, batch: int = 4, threads: int | No
     """Run the chain over `rows` (prompt rows) into `out`, B = `batch` prompts per model call; returns the
     seconds per stage (model loading included) and the counts. `threads`: torch threads (None: torch's
     default, one per core). One is the loop's best on our 2-core machines: two took 1.5-15x the wall time
-    for 32 prompts, the more so the busier the machine (BENCHMARKS.md)."""
+    for 32 prompts, the more so the busier the machine (docs/results.md)."""
     import torch
     (out / "images").mkdir(parents=True, exist_ok=True)
     before = torch.get_num_threads()

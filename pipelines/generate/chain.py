@@ -54,7 +54,7 @@ def check_steps(run_steps: list[Step]) -> list[str]:
 class Chain:
     """Stage instances run one after another in one actor. A cheap row-wise step rides with the stage before
     it: a separate task per batch costs a hop through the object store and, on a busy node, often a fresh
-    worker process (about 1 s of CPU each; BENCHMARKS.md). With `fuse: true` the whole chain is one actor: on
+    worker process (about 1 s of CPU each; docs/results.md). With `fuse: true` the whole chain is one actor: on
     CPU nodes one process per core beats a process per stage time-sharing the cores."""
 
     def __init__(self, parts, threads: int = 1, startup_dir: str | None = None):
@@ -102,7 +102,7 @@ def rows_per_block(cfg, n_prompts: int) -> int:
     chain is one pool: 1 to 8 batches, about 8 blocks per actor (a balanced finish). Each block costs a
     prompt-rows task, a shard write, an actor call and the driver's bookkeeping: on the CPU chain blocks of one
     batch spent ~2x the CPU of blocks of four outside the actors, and eight instead of four took 2-4% less CPU
-    and wall at 2,048 prompts (BENCHMARKS.md, "Fewer, larger blocks" and "Sixth pass")."""
+    and wall at 2,048 prompts (docs/results.md)."""
     pool = cfg.pool("images")
     size = pool.batch_size
     if cfg.fuse:

@@ -1,5 +1,5 @@
 """`synthalign bench` at toy sizes: every key is there and every value is sane. No timing asserts: timings on
-shared 2-core machines say nothing; BENCHMARKS.md holds a full run."""
+shared 2-core machines say nothing; docs/results.md holds a full run."""
 from __future__ import annotations
 
 import json

@@ -56,7 +56,7 @@ def test_row_counts_and_manifest(run):
 
 def test_manifest_times_startup_and_the_first_pair(run):
     """The startup breakdown: figures present and consistent with each other (never their size: timings on a
-    shared machine say nothing; BENCHMARKS.md has measured ones)."""
+    shared machine say nothing; docs/results.md has measured ones)."""
     cfg, manifest = run
     t = manifest["timings_s"]
     for key in ("actor_start", "model_load", "actors_ready", "first_pair", "stream", "total", "command"):
