@@ -1,4 +1,4 @@
-"""Generation driver memory against the number of prompts (issue 15): `run_generate`, the library path of
+"""Generation driver memory against the number of prompts: `run_generate`, the library path of
 `synthalign generate`, in a driver subprocess of its own per size, on a prompts file the bench writes. The
 figure is the driver's VmHWM (Ray Data's streaming executor runs in the driver), plus its RSS sampled along.
 

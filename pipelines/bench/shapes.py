@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 TARGETS = {"pope_gain_points": 5.0, "chair_i_relative_drop": 0.30, "run_minutes": 15.0}
-# Issue 18, "does a second round help?": round 2 against round 1 on every seed; minutes are all rounds of a seed.
+# "Does a second round help?": round 2 against round 1 on every seed; minutes are all rounds of a seed.
 ROUNDS_TARGETS = {"pope_gain_points": 2.0, "run_minutes": 25.0}
 
 

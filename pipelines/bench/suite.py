@@ -59,7 +59,7 @@ def run_bench(out: Path, only=BENCHMARKS, tiny: Path | None = None, prompts: int
 
 
 # Each target once: (benchmark, figure) -> (comparison, bound); the markdown table reads them from here.
-# Issue 17: throughput over the plain loop, >= 1.4x at 512 prompts and >= 1.7x from 2,048 (2 cores: 2.0x ceiling).
+# The streaming targets: throughput over the plain loop, >= 1.4x at 512 prompts and >= 1.7x from 2,048 (2 cores: 2.0x ceiling).
 TARGETS = {("streaming", "ratio"): (">=", 1.4), ("streaming", "ratio_2048"): (">=", 1.7),
            ("streaming", "cpu_ratio"): ("<=", 1.15),
            ("scale", "worker_anon_ratio"): ("<=", 1.25),

@@ -1,4 +1,4 @@
-"""A run's prompt rows as a Ray Data dataset that the driver never holds (issue 15).
+"""A run's prompt rows as a Ray Data dataset that the driver never holds.
 
 The driver knows the prompts by their count (`check_prompts`: a file is checked streamed, ids only) and cuts
 them into blocks of prompts still to do by streaming them once more: a block is the cursor where its rows start

@@ -28,7 +28,7 @@ SPEC = {"version": 2, "image": 48, "patch": 16, "vision_hidden": 64, "vision_lay
         "layers": 3, "heads": 4, "vision_steps": 150, "steps": 1200, "min_steps": 200, "check_every": 25,
         "stop_at_yes_no": 0.75, "batch": 32, "lr": 2e-3, "caption_share": 0.3, "shape_negatives": 0.3}
 # Not in the build's key: a run that stops at the threshold ends on its best check, so restoring never fires
-# and its bytes are what SPEC alone gives; a cached base is re-checked against GUARD instead (issue 18).
+# and its bytes are what SPEC alone gives; a cached base is re-checked against GUARD instead.
 # collapse_margin: 0.1 is ~2 standard errors of the 96-question check near 0.7. min_held_out_yes_no: 0.6 is
 # 2 standard errors above chance on the held-out 96. retries: further SFT data streams before refusing.
 GUARD = {"collapse_margin": 0.1, "min_held_out_yes_no": 0.6, "retries": 2}
