@@ -79,10 +79,8 @@ def private_cluster(head_args: dict, nodes: list[dict]):
         else:
             os.environ["RAY_TMPDIR"] = old_tmpdir
         shutil.rmtree(tmp, ignore_errors=True)
-        if was_connected:  # give later tests the session Ray back (same arguments as conftest's ray_local)
-            from cluster.connect import local_system_config
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                     _system_config=local_system_config(2))
+        if was_connected:  # give later tests the session Ray back, as ray_local made it
+            init_session_ray()
 
 
 def free_port() -> int:
@@ -95,17 +93,24 @@ def free_port() -> int:
 METRICS_PORT = free_port()
 
 
+def init_session_ray() -> None:
+    """The session's local Ray: Prometheus on METRICS_PORT. RAY_API_SERVER_ADDRESS: with other local clusters on
+    the machine, Ray Train's placement-group cleaner could query another cluster's dashboard, take our run for dead
+    and kill it (see test_train.py)."""
+    import ray
+
+    from cluster.connect import local_system_config
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=METRICS_PORT,
+             _system_config=local_system_config(2),
+             runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": "http://127.0.0.1:9"}})
+
+
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray for the whole test run (ray.init costs 8-15 s here); Prometheus on METRICS_PORT."""
+    """One local Ray for the whole test run (ray.init costs 8-15 s here)."""
     import ray
     if not ray.is_initialized():
-        # RAY_API_SERVER_ADDRESS: with other local clusters on the machine, Ray Train's placement-group cleaner
-        # could query another cluster's dashboard, take our run for dead and kill it (see test_train.py).
-        from cluster.connect import local_system_config
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=METRICS_PORT,
-                 _system_config=local_system_config(2),
-                 runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": "http://127.0.0.1:9"}})
+        init_session_ray()
     yield ray
     ray.shutdown()
 
