@@ -17,7 +17,7 @@ QUESTIONS = [("astronaut.png", "person", "yes"), ("astronaut.png", "cat", "no"),
 
 @pytest.fixture(scope="module")
 def pope_set(tmp_path_factory):
-    skdata = pytest.importorskip("skimage.data")
+    import skimage.data as skdata  # the [test] extra requires scikit-image
     from PIL import Image
     root = tmp_path_factory.mktemp("pope")
     (root / "images").mkdir()

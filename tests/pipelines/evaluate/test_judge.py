@@ -36,7 +36,7 @@ PHOTOS = {"chelsea.png": "chelsea", "astronaut.png": "astronaut", "coffee.jpg": 
 
 @pytest.fixture(scope="module")
 def mmhal_set(tmp_path_factory):
-    skdata = pytest.importorskip("skimage.data")
+    import skimage.data as skdata  # the [test] extra requires scikit-image
     from PIL import Image
     root = tmp_path_factory.mktemp("mmhal")
     (root / "images").mkdir()
