@@ -79,7 +79,7 @@ def base_env(extra: dict) -> dict:
     return {**env, **extra}
 
 
-def wait_for(check, what: str, proc: subprocess.Popen, log: Path, timeout: float = 90):
+def wait_for(check, what: str, proc: subprocess.Popen, log: Path, timeout: float = 240):
     deadline = time.time() + timeout
     while True:
         try:
