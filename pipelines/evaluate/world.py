@@ -141,7 +141,7 @@ def run_world_eval(run_cfg, log=print, adapters: list[tuple[str, str]] | None = 
     scratch = tempfile.TemporaryDirectory(prefix="synthalign-eval-")   # adapters on object storage load from here
     seed = run_cfg.prompts.seed if cfg.seed is None else cfg.seed
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # one thread: two are erratic on 2-core machines (STACK-NOTES)
+    torch.set_num_threads(1)   # one thread: two are erratic on 2-core machines
     try:
         data = eval_set(cfg, seed, (run_cfg.images.width, run_cfg.images.height)) if cfg.world == "shapes" \
             else generated_eval_set(cfg, run_cfg, seed)

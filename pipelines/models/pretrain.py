@@ -265,7 +265,7 @@ def make_shapes_base(out_dir: str | Path, seed: int = 0, spec: dict | None = Non
             return folder
         log(f"pretrain: cached base {folder} rebuilt: {'; '.join(problems)}")
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # one thread: two are erratic on these 2-core machines (STACK-NOTES)
+    torch.set_num_threads(1)   # one thread: two are erratic on these 2-core machines
     t0 = time.time()
     try:
         for attempt in range(guard["retries"] + 1):

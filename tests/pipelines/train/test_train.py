@@ -299,7 +299,7 @@ def test_saved_adapter_loads_on_the_base_model_and_generates(ddp_run, assets):
     out, _ = ddp_run
     adapter_dir = train_paths(out)["adapter"]
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)                   # 2 threads on 2 cores is erratic (STACK-NOTES)
+    torch.set_num_threads(1)                   # 2 threads on 2 cores is erratic
     try:
         _check_adapter(adapter_dir, assets)
     finally:
