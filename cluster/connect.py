@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import socket
+from contextlib import contextmanager
 from urllib.parse import urlparse
 
 from actors.common.errors import InputError
@@ -86,17 +87,29 @@ def connect(address: str | None = None, num_cpus: int | None = None, dashboard: 
         env = {} if in_submitted_job() else worker_env()
         ray.init(address=address, log_to_driver=log_to_driver, runtime_env={"env_vars": env} if env else None)
         return address
-    for attempt in range(DASHBOARD_ATTEMPTS):
-        port = _port_or_free(8265) if dashboard else None
-        try:
-            _start_local(port, num_cpus, log_to_driver)
-            return f"http://127.0.0.1:{port}" if dashboard else "local"
-        except Exception as e:
-            # Another local run took the port between our check and Ray's bind: Ray stops at once; take another.
-            if not dashboard or attempt == DASHBOARD_ATTEMPTS - 1 or str(port) not in str(e):
-                raise
-            ray.shutdown()
+    # Local starts on one machine take turns from the port check until Ray's dashboard is bound: a run whose
+    # dashboard lost the port to another run's would go on without one (Ray only logs "Failed to start").
+    with _machine_wide_lock("synthalign-local-ray-start.lock"):
+        for attempt in range(DASHBOARD_ATTEMPTS):
+            port = _port_or_free(8265) if dashboard else None
+            try:
+                _start_local(port, num_cpus, log_to_driver)
+                return f"http://127.0.0.1:{port}" if dashboard else "local"
+            except Exception as e:
+                # Something else took the port after our check, and Ray said so: take another.
+                if not dashboard or attempt == DASHBOARD_ATTEMPTS - 1 or str(port) not in str(e):
+                    raise
+                ray.shutdown()
     raise AssertionError("unreachable")
+
+
+@contextmanager
+def _machine_wide_lock(name: str):
+    import fcntl
+    import tempfile
+    with open(os.path.join(tempfile.gettempdir(), name), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)   # released when the file closes, or the process ends
+        yield
 
 
 DASHBOARD_ATTEMPTS = 5
