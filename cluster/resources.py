@@ -7,8 +7,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from actors.common.errors import Problem
+
+
+# The runtime_env fields Ray 2.60 documents (ray.runtime_env.RuntimeEnv).
+RUNTIME_ENV_KEYS = frozenset({"pip", "uv", "conda", "env_vars", "working_dir", "py_modules", "excludes",
+                              "image_uri", "container", "py_executable", "nsight", "config", "worker_process_setup_hook"})
 
 
 @dataclass
@@ -21,9 +27,16 @@ class PoolConfig:
     accelerator_type: str | None = None  # e.g. "A100" (ray.util.accelerators names)
     resources: dict[str, float] = field(default_factory=dict)  # custom node resources
     threads: int = 1                  # torch threads inside each actor
+    # Ray's per-actor environment (pip/uv/conda/env_vars/...): the escape hatch when a pool's packages (a newer
+    # vLLM) cannot live beside the project's pins.
+    runtime_env: dict[str, Any] = field(default_factory=dict)
 
     def validate(self, name: str) -> list[Problem]:
         errs = []
+        unknown = sorted(set(self.runtime_env) - RUNTIME_ENV_KEYS)
+        if unknown:
+            errs.append(Problem(f"{name}.runtime_env", f"unknown key(s) {unknown}; Ray takes "
+                                                       f"{sorted(RUNTIME_ENV_KEYS)}"))
         if self.size < 1:
             errs.append(Problem(f"{name}.size", "must be >= 1"))
         if self.max_size is not None and self.max_size < self.size:
@@ -85,13 +98,17 @@ class ClusterShape:
         return errs
 
 
-def _thread_env(threads: int, num_cpus: float) -> dict:
-    """A runtime_env only when `threads` differs from Ray's own OMP_NUM_THREADS (floor of num_cpus, at least 1):
-    an actor with a runtime_env cannot take one of Ray's prestarted workers and starts a fresh one through
-    setup_worker.py, a second Python start (about 1 CPU-s per actor, more under load; docs/results.md)."""
-    if threads == max(1, math.floor(num_cpus)):
-        return {}
-    return {"runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}}}
+def _thread_env(threads: int, num_cpus: float, runtime_env: dict | None = None) -> dict:
+    """A runtime_env only when `threads` differs from Ray's own OMP_NUM_THREADS (floor of num_cpus, at least 1)
+    or the pool names one: an actor with a runtime_env cannot take one of Ray's prestarted workers and starts a
+    fresh one through setup_worker.py, a second Python start (about 1 CPU-s per actor, more under load)."""
+    env = {k: v for k, v in (runtime_env or {}).items() if k != "env_vars"}
+    env_vars = dict((runtime_env or {}).get("env_vars") or {})
+    if threads != max(1, math.floor(num_cpus)):
+        env_vars = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), **env_vars}
+    if env_vars:
+        env["env_vars"] = env_vars
+    return {"runtime_env": env} if env else {}
 
 
 # A batch whose actor died is retried on the restarted actor this many times (5: Ray Data's own default before
@@ -114,7 +131,7 @@ def map_batches_kwargs(pool: PoolConfig) -> dict:
     compute = (ray.data.ActorPoolStrategy(min_size=pool.size, max_size=pool.max_size) if pool.max_size
                else ray.data.ActorPoolStrategy(size=pool.size))
     kwargs = {"compute": compute, "batch_size": pool.batch_size, "num_cpus": pool.num_cpus,
-              **_thread_env(pool.threads, pool.num_cpus), "max_task_retries": ACTOR_TASK_RETRIES}
+              **_thread_env(pool.threads, pool.num_cpus, pool.runtime_env), "max_task_retries": ACTOR_TASK_RETRIES}
     if pool.num_gpus:
         kwargs["num_gpus"] = pool.num_gpus
     if pool.resources:

@@ -50,3 +50,35 @@ def test_pool_args_are_named_but_the_retry_bound(ray_local):
 class _Same:
     def __call__(self, batch):
         return batch
+
+
+def test_a_pools_runtime_env_reaches_its_actors_beside_the_thread_env(ray_local):
+    """`pools.<name>.runtime_env` is the escape hatch for packages that cannot live beside our pins: it is
+    handed to Ray as the actors' runtime_env, merged with the thread variables, and the actors run in it."""
+    import ray.data
+    pool = PoolConfig(num_cpus=0.9, threads=2, runtime_env={"env_vars": {"SYNTHALIGN_PROBE": "from-pool"}})
+    env = map_batches_kwargs(pool)["runtime_env"]
+    assert env == {"env_vars": {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "SYNTHALIGN_PROBE": "from-pool"}}
+
+    class Env:   # defined here so Ray pickles it by value: the actor's fresh worker cannot import test modules
+        def __call__(self, batch):
+            import os
+            n = batch.num_rows
+            return batch.append_column("probe", [[os.environ.get("SYNTHALIGN_PROBE")] * n]).append_column(
+                "omp", [[os.environ.get("OMP_NUM_THREADS")] * n])
+
+    out = map_on_pool(ray.data.range(3), Env, map_batches_kwargs(pool), batch_format="pyarrow").take_all()
+    assert {(r["probe"], r["omp"]) for r in out} == {("from-pool", "2")}
+    assert "runtime_env" not in map_batches_kwargs(PoolConfig(num_cpus=1, threads=1, runtime_env={}))
+
+
+def test_runtime_env_loads_from_a_config_and_unknown_keys_are_named():
+    from pathlib import Path
+
+    from pipelines.config import load_config
+    root = Path(__file__).resolve().parents[2]
+    cfg = load_config(root / "configs" / "tiny.yaml", ["pools.images.runtime_env.env_vars.HF_HOME=/models"])
+    assert cfg.pools["images"].runtime_env == {"env_vars": {"HF_HOME": "/models"}}
+    errs = PoolConfig(runtime_env={"pip": ["vllm"], "pipx": 1}).validate("pools.sampling")
+    assert [(e.key, "pipx" in e.message) for e in errs] == [("pools.sampling.runtime_env", True)]
+
