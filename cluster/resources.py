@@ -11,7 +11,6 @@ from typing import Any
 
 from actors.common.errors import Problem
 
-
 # The runtime_env fields Ray 2.60 documents (ray.runtime_env.RuntimeEnv).
 RUNTIME_ENV_KEYS = frozenset({"pip", "uv", "conda", "env_vars", "working_dir", "py_modules", "excludes",
                               "image_uri", "container", "py_executable", "nsight", "config", "worker_process_setup_hook"})
