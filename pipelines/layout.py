@@ -28,6 +28,7 @@ class RunLayout:
     report_md = property(lambda self: self.root / "report.md")
     report_html = property(lambda self: self.root / "report.html")
     export_llava = property(lambda self: self.root / "export" / "llava")
+    export_hf = property(lambda self: self.root / "export" / "hf")
 
     def train_paths(self) -> dict[str, Location]:
         """Under train/: the Ray Train run (checkpoints), the adapter, the merged model, per-step metrics,

@@ -9,6 +9,7 @@ from actors.common.errors import InputError
 from actors.contract import ContractError
 from pipelines.cli.bench import add_bench_command
 from pipelines.cli.cluster import add_cluster_commands
+from pipelines.cli.doctor import add_doctor_command
 from pipelines.cli.eval import add_eval_commands
 from pipelines.cli.plan import add_plan_command
 from pipelines.lock import RunLock
@@ -129,8 +130,20 @@ def cmd_report(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from pipelines.report.export import export_llava_json
-    print(export_llava_json(args.run, args.out))
+    if args.format == "llava-json":
+        from pipelines.report.export import export_llava_json
+        print(export_llava_json(args.run, args.out))
+        return 0
+    from pipelines.report.hf import check_repo, export_hf, push_to_hub
+    if args.private and not args.push_to_hub:
+        raise InputError("--private goes with --push-to-hub REPO", field="--private")
+    if args.push_to_hub:
+        check_repo(args.push_to_hub)   # a repo id and a token before anything is written
+    out = export_hf(args.run, args.out, test_fraction=args.test_fraction, seed=args.seed, overwrite=args.overwrite,
+                    license=args.license)
+    print(out)
+    if args.push_to_hub:
+        print(f"pushed to {push_to_hub(out, args.push_to_hub, private=args.private)}")
     return 0
 
 
@@ -170,14 +183,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="write a run's pairs in another format")
     p.add_argument("run", help="run folder (output_dir) or pairs folder")
-    p.add_argument("--format", choices=["llava-json"], default="llava-json")
-    p.add_argument("--out", help="output folder (default RUN/export/llava)")
+    p.add_argument("--format", choices=["llava-json", "hf"], default="llava-json",
+                   help="llava-json: the authors' LLaVA JSON; hf: a Hugging Face dataset folder (docs/publishing.md)")
+    p.add_argument("--out", help="output folder (default RUN/export/llava or RUN/export/hf)")
+    p.add_argument("--test-fraction", type=float, default=0.05, help="hf: share of prompts held out as the test split")
+    p.add_argument("--seed", type=int, default=0, help="hf: seed of the train/test split")
+    p.add_argument("--license", help="hf: the card's licence id (default: from the models' licences)")
+    p.add_argument("--overwrite", action="store_true", help="hf: replace an earlier export in --out")
+    p.add_argument("--push-to-hub", metavar="REPO", help="hf: upload to this dataset repo (token: HF_TOKEN)")
+    p.add_argument("--private", action="store_true", help="hf: create the repo private")
     p.set_defaults(fn=cmd_export)
 
     add_eval_commands(sub)
     add_cluster_commands(sub)
     add_bench_command(sub)
     add_plan_command(sub)
+    add_doctor_command(sub)
     return parser
 
 

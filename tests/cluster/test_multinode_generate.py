@@ -196,3 +196,25 @@ def test_a_worker_node_lost_mid_training_resumes_from_the_checkpoint_in_the_buck
     assert [m["step"] for m in metrics] == sorted({m["step"] for m in metrics})   # each step logged once
     assert pairs(f"{uri}/pairs").equals(one_node[0])
     print(f"lost a node at a checkpoint; resumed from step {summary['resumed_from_step']} of {summary['steps']}")
+
+
+def test_doctor_names_what_the_worker_node_lacks_and_passes_a_cluster_ready_config(ray_nodes, shared_models,
+                                                                                     tiny_models, bucket, tmp_path):
+    from tests.multinode import base_env
+
+    def doctor(config):
+        cmd = [sys.executable, "-m", "pipelines.cli", "doctor", config, "--address", ray_nodes["gcs"]]
+        return subprocess.run(cmd, cwd=ray_nodes["shared"], env=base_env(ray_nodes["env"]), text=True,
+                              capture_output=True, timeout=300)
+    worker = ray_nodes["worker_node_id"]()[:12]
+    # Models in pytest's folder (private to the head) and a local output_dir: the worker node sees neither.
+    bad = doctor(tiny_yaml(tiny_models, tmp_path, str(ray_nodes["root"] / "run")))
+    problems = [ln for ln in bad.stderr.splitlines() if ln.startswith("synthalign: doctor:")]
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-3000:]
+    missing = {ln.split(": ")[2] for ln in problems if "does not exist on node" in ln and f"({worker})" in ln}
+    assert missing == {"images.model", "selection.model", "samplers[0].model", "samplers[1].model",
+                       "rewards.text_model", "rewards.clip_model", "train.model"}, problems
+    assert any(ln.startswith("synthalign: doctor: output_dir:") and worker in ln for ln in problems)
+    good = doctor(write_config(shared_models, tmp_path, f"{bucket}/doctor"))
+    assert good.returncode == 0, good.stderr[-3000:]
+    assert sum(ln.startswith("node ") for ln in good.stdout.splitlines()) == 2
