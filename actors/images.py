@@ -37,6 +37,13 @@ class ImagesConfig:
     # LLaVA-1.5); the shorter side is scaled to it, never up. null: keep the render size.
     store_size: int | None = None
     keep_render: bool = False          # also keep the chosen full render (scored/ column `image_render`)
+    # Memory, for SD3 on 24 GB cards (docs/configs.md). drop_t5 loads SD3 without its T5-XXL encoder (~9.5 GB in
+    # fp16; other images), vae_tiling decodes in overlapping tiles (other pixels), vae_slicing one image at a time,
+    # cpu_offload keeps each model on the CPU until it runs (CUDA only; same images, some transfer time).
+    drop_t5: bool = False
+    vae_tiling: bool = False
+    vae_slicing: bool = False
+    cpu_offload: bool = False
 
     def validate(self) -> list[Problem]:
         errs = []
@@ -50,11 +57,52 @@ class ImagesConfig:
             errs.append(Problem("images", "per_scale, steps and batch_size must be >= 1, height and width >= 8"))
         if self.store_size is not None and (isinstance(self.store_size, bool) or self.store_size < 8):
             errs.append(Problem("images.store_size", "must be an integer >= 8 or null (keep the render size)"))
+        for key in MEMORY_OPTIONS:
+            if getattr(self, key) and self.backend != "diffusers":
+                errs.append(Problem(f"images.{key}", "applies to the diffusers backend only"))
+        if self.cpu_offload and self.device not in ("auto", "cuda") and not self.device.startswith("cuda:"):
+            errs.append(Problem("images.cpu_offload", f"needs a CUDA device, not images.device {self.device!r}"))
         return errs
 
     @property
     def num_candidates(self) -> int:
         return len(self.guidance_scales) * self.per_scale
+
+
+MEMORY_OPTIONS = ("drop_t5", "vae_tiling", "vae_slicing", "cpu_offload")
+
+
+def omit_default_memory_options(data: dict) -> None:
+    """The data hash leaves the memory options out at their defaults (off), so a config that does not use them
+    hashes as it did before they existed."""
+    images = data.get("images", {})
+    for key in MEMORY_OPTIONS:
+        if images.get(key) is False:
+            images.pop(key)
+
+
+def load_pipeline(cfg: ImagesConfig, device: str):
+    """The diffusers pipeline of `cfg` on `device`, every component in cfg.dtype, with its memory options on."""
+    from diffusers import DiffusionPipeline
+    kwargs = {}
+    if cfg.drop_t5:
+        # Only SD3-style pipelines have a third (T5) text encoder; elsewhere the None would be ignored silently.
+        if "text_encoder_3" not in DiffusionPipeline.load_config(cfg.model):
+            raise ValueError(f"images.drop_t5: {cfg.model} has no text_encoder_3 (T5) to drop")
+        kwargs = dict(text_encoder_3=None, tokenizer_3=None)
+    if cfg.cpu_offload and not device.startswith("cuda"):
+        raise ValueError(f"images.cpu_offload needs a CUDA GPU; this actor has {device} (give the images pool "
+                         "num_gpus, or set images.cpu_offload: false)")
+    pipe = DiffusionPipeline.from_pretrained(cfg.model, dtype=torch_dtype(cfg.dtype), **kwargs)
+    if cfg.vae_tiling:
+        pipe.vae.enable_tiling()
+    if cfg.vae_slicing:
+        pipe.vae.enable_slicing()
+    if cfg.cpu_offload:
+        pipe.enable_model_cpu_offload(device=device)   # moves each model to the GPU as it runs; no pipe.to()
+    else:
+        pipe.to(device)
+    return pipe
 
 
 def _warn_once(logger_name: str, prefix: str) -> None:
@@ -129,10 +177,8 @@ class ImageSynthesis:
         self.cfg, self.torch = cfg, torch
         if cfg.backend == "shapes":  # same columns and seeds, drawn with PIL instead of diffused
             return
-        from diffusers import DiffusionPipeline
         self.device = device_for(cfg.device)
-        self.pipe = DiffusionPipeline.from_pretrained(cfg.model, dtype=torch_dtype(cfg.dtype))
-        self.pipe.to(self.device)
+        self.pipe = load_pipeline(cfg, self.device)
         self.pipe.set_progress_bar_config(disable=True)
         if hasattr(self.pipe, "encode_prompt"):   # SD, SDXL, SD3, ...: see LastPromptEncoding
             self.pipe.encode_prompt = LastPromptEncoding(self.pipe.encode_prompt)

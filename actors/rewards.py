@@ -32,7 +32,7 @@ class RewardsConfig:
     synonyms_file: str | None = None   # object vocabulary, "class, synonym, ..." a line; default: COCO's
     weights: dict[str, float] = field(default_factory=lambda: {"text": 1.0, "clip": 0.5, "hallucination": 1.0})
     max_length: int = 1024
-    dtype: str = "float32"
+    dtype: str = "float32"             # of the text reward model and the CLIP term
     device: str = "auto"
     trust_remote_code: bool = False    # ArmoRM ships custom code; only set it for models you trust
 
@@ -152,7 +152,7 @@ class RewardScorer:
         self.clip = None
         if cfg.clip_model:
             from actors.select import ClipScorer
-            self.clip = ClipScorer(cfg.clip_model, cfg.device, threads)
+            self.clip = ClipScorer(cfg.clip_model, cfg.device, threads, cfg.dtype)
 
     def __call__(self, batch):
         return guarded("rewards", batch, self._process)

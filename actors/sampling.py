@@ -78,6 +78,21 @@ class SamplerConfig:
                         "then point model at train/merged)"))
         return errs
 
+    def pool_problems(self, key: str, pools: dict) -> list[Problem]:
+        """A vLLM engine spans `tensor_parallel_size` GPUs, all of them its actor's: the sampler's pool
+        (`pools`: the run config's, by name; a sampler's own as sampling:<name>) must give each actor exactly
+        that many, or a fraction of one for a single-GPU engine. Otherwise the engine finds fewer GPUs than it
+        shards over, or holds GPUs it never uses."""
+        if self.backend != "vllm":
+            return []
+        name = f"sampling:{self.label}" if f"sampling:{self.label}" in pools else "sampling"
+        gpus = getattr(pools.get(name), "num_gpus", 0.0)
+        tp = self.tensor_parallel_size
+        if (tp > 1 and gpus != tp) or (tp == 1 and gpus > 1):
+            return [Problem(f"{key}.tensor_parallel_size", f"sampler '{self.label}' shards its vLLM engine over {tp} "
+                            f"GPU(s), but its pool pools.{name} gives each actor num_gpus {gpus:g}; make them equal")]
+        return []
+
 
 def row_seed(base: int, key: str, model: str) -> int:
     return stable_seed(base, key, model)

@@ -10,6 +10,7 @@ from actors.common.runtime import (
     device_for,
     open_png,
     setup_torch,
+    torch_dtype,
     with_columns,
 )
 
@@ -19,6 +20,7 @@ class SelectionConfig:
     scorer: str = "clip"               # clip | imagereward | none (keep the first candidate)
     model: str = ""                    # CLIP model id/path; ImageReward folder or name ("ImageReward-v1.0")
     device: str = "auto"
+    dtype: str = "float32"             # float16 / bfloat16 on GPU
 
     def validate(self) -> list[Problem]:
         errs = []
@@ -26,17 +28,29 @@ class SelectionConfig:
             errs.append(Problem("selection.scorer", "must be 'clip', 'imagereward' or 'none'"))
         if not self.model and self.scorer != "none":
             errs.append(Problem("selection.model", "required"))
+        if self.dtype not in DTYPES:
+            errs.append(Problem("selection.dtype", f"must be one of {', '.join(DTYPES)}"))
         return errs
+
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def omit_default_dtype(data: dict) -> None:
+    """The data hash leaves selection.dtype out at its default, so configs that do not set it hash as they did
+    before it existed."""
+    if data.get("selection", {}).get("dtype") == "float32":
+        data["selection"].pop("dtype")
 
 
 class ClipScorer:
     """Cosine similarity of CLIP image and text embeddings (scaled by 100, as CLIPScore is)."""
 
-    def __init__(self, model: str, device: str = "auto", threads: int = 1):
+    def __init__(self, model: str, device: str = "auto", threads: int = 1, dtype: str = "float32"):
         self.torch = setup_torch(threads)
         from transformers import AutoProcessor, CLIPModel
-        self.device = device_for(device)
-        self.model = CLIPModel.from_pretrained(model).to(self.device).eval()
+        self.device, self.dtype = device_for(device), torch_dtype(dtype)
+        self.model = CLIPModel.from_pretrained(model, dtype=self.dtype).to(self.device).eval()
         self.processor = AutoProcessor.from_pretrained(model)
 
     def score(self, images, texts) -> list[float]:
@@ -44,24 +58,25 @@ class ClipScorer:
         with self.torch.inference_mode():
             inp = self.processor(text=list(texts), images=list(images), return_tensors="pt",
                                  padding=True, truncation=True).to(self.device)
-            img = self.model.get_image_features(pixel_values=inp["pixel_values"])
+            # The processor makes float32 pixels; the model's dtype takes them
+            img = self.model.get_image_features(pixel_values=inp["pixel_values"].to(self.dtype))
             txt = self.model.get_text_features(input_ids=inp["input_ids"],
                                                attention_mask=inp["attention_mask"])
             img = getattr(img, "pooler_output", img)
             txt = getattr(txt, "pooler_output", txt)
             img = img / img.norm(dim=-1, keepdim=True)
             txt = txt / txt.norm(dim=-1, keepdim=True)
-            return (100.0 * (img * txt).sum(-1)).tolist()
+            return (100.0 * (img * txt).sum(-1)).float().tolist()
 
 
 class ImageRewardScorer:
     """ImageReward (the paper's selector) through our transformers 5 loader (actors/common/imagereward.py): a folder
     with ImageReward.pt + med_config.json, or "ImageReward-v1.0" / "THUDM/ImageReward" from the hub."""
 
-    def __init__(self, model: str, device: str = "auto", threads: int = 1):
+    def __init__(self, model: str, device: str = "auto", threads: int = 1, dtype: str = "float32"):
         setup_torch(threads)
         from actors.common.imagereward import ImageRewardModel
-        self.model = ImageRewardModel(model, device_for(device))
+        self.model = ImageRewardModel(model, device_for(device), torch_dtype(dtype))
 
     def score(self, images, texts) -> list[float]:
         return self.model.score(images, texts)
@@ -86,7 +101,7 @@ class ImageSelection:
             self.scorer = FirstCandidate()
             return
         cls = ClipScorer if cfg.scorer == "clip" else ImageRewardScorer
-        self.scorer = cls(cfg.model, cfg.device, threads)
+        self.scorer = cls(cfg.model, cfg.device, threads, cfg.dtype)
 
     def __call__(self, batch):
         return guarded("selection", batch, self._process, self.DROPS)

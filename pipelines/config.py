@@ -15,12 +15,12 @@ from actors.common.errors import InputError, Problem, raise_first
 from actors.common.files import read_user_text
 from actors.common.guard import FaultConfig
 from actors.contract import STAGES
-from actors.images import ImagesConfig
+from actors.images import ImagesConfig, omit_default_memory_options
 from actors.pairs import PairsConfig
 from actors.prompts import PromptsConfig
 from actors.rewards import RewardsConfig
 from actors.sampling import SamplerConfig
-from actors.select import SelectionConfig
+from actors.select import SelectionConfig, omit_default_dtype
 from cluster.resources import ClusterShape, PoolConfig
 from pipelines.evaluate.config import WorldEvalConfig
 from pipelines.train.config import TrainConfig
@@ -39,6 +39,8 @@ def _without_new_defaults(data: dict, train: dict | None = None) -> dict:
     """Keys added with `rounds` stay out of the hashes at their defaults, so folders made before them still
     match their configs (and round 1 of an iterative run hashes as the same run with `rounds: 1`)."""
     d = copy.deepcopy(data)
+    omit_default_memory_options(d)
+    omit_default_dtype(d)
     if d.get("previous") is None:
         d.pop("previous", None)
     if d.get("prompts", {}).get("round") == 1:
@@ -52,6 +54,8 @@ def _without_new_defaults(data: dict, train: dict | None = None) -> dict:
         if isinstance(t, dict) and t.get("init_adapter") is None:
             t.pop("init_adapter", None)
             t.pop("reference", None)   # no adapter to start from: the reference is the base either way
+        if isinstance(t, dict) and not t.get("dpo"):
+            t.pop("dpo", None)   # no TRL options beyond the recipe's: the recipe as before `train.dpo`
     return d
 
 
@@ -139,7 +143,7 @@ class RunConfig:
             errs.append(Problem("samplers", "at least one sampler is needed"))
         labels = [s.label for s in self.samplers]
         for i, s in enumerate(self.samplers):
-            errs += s.validate(f"samplers[{i}]")
+            errs += s.validate(f"samplers[{i}]") + s.pool_problems(f"samplers[{i}]", self.pools)
             share = self.pool("sampling", s).num_gpus
             if s.backend == "vllm" and 0 < share < 1 and s.gpu_memory_utilization > share:
                 # vLLM takes gpu_memory_utilization of the whole device, whatever fraction Ray granted

@@ -147,16 +147,17 @@ def build(med: dict, size: dict):
 class ImageRewardModel:
     """ImageReward's `score(prompt, image)`, batched over (image, prompt) pairs."""
 
-    def __init__(self, model: str, device: str = "cpu"):
+    def __init__(self, model: str, device: str = "cpu", dtype=None):
+        """`dtype`: a torch dtype for every weight (default float32, as the checkpoint holds them)."""
         import torch
         from transformers import BertTokenizer
-        self.torch, self.device = torch, device
+        self.torch, self.device, self.dtype = torch, device, dtype or torch.float32
         ckpt, med_file, tok = resolve(model)
         med = json.loads(Path(med_file).read_text())
         state = map_keys(torch.load(ckpt, map_location="cpu", weights_only=True))
         self.net = build(med, sizes(state))
         self.net.load_state_dict(state, strict=True)   # every weight the scorer uses, and nothing else
-        self.net.to(device).eval()
+        self.net.to(device=device, dtype=self.dtype).eval()
         self.tokenizer = BertTokenizer.from_pretrained(tok)
         self.tokenizer.add_special_tokens({"bos_token": "[DEC]"})   # as BLIP's init_tokenizer
         self.tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
@@ -167,11 +168,11 @@ class ImageRewardModel:
         with torch.inference_mode():
             text = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=TEXT_LENGTH,
                                   return_tensors="pt").to(self.device)
-            pixels = torch.stack([preprocess(im) for im in images]).to(self.device)
+            pixels = torch.stack([preprocess(im) for im in images]).to(self.device, self.dtype)
             img = self.net["vision"](pixel_values=pixels).last_hidden_state
             out = self.net["text"](input_ids=text["input_ids"], attention_mask=text["attention_mask"],
                                    encoder_hidden_states=img,
                                    encoder_attention_mask=torch.ones(img.shape[:-1], dtype=torch.long,
                                                                      device=img.device))
-            rewards = self.net["mlp"](out.last_hidden_state[:, 0, :].float())
+            rewards = self.net["mlp"](out.last_hidden_state[:, 0, :]).float()
             return ((rewards[:, 0] - MEAN) / STD).tolist()

@@ -4,26 +4,36 @@ from __future__ import annotations
 import json
 
 
+def eval_pool(args):
+    """The answering pool: --num-gpus per actor, by default one GPU when this machine has CUDA (a 7B answering
+    on CPU takes hours), else none."""
+    from cluster.resources import PoolConfig
+    num_gpus = args.num_gpus
+    if num_gpus is None:
+        import torch
+        num_gpus = 1.0 if torch.cuda.is_available() else 0.0
+    return PoolConfig(size=args.pool_size, batch_size=args.batch_size, num_gpus=num_gpus)
+
+
 def cmd_eval(args) -> int:
     if args.eval_cmd == "pope":
         from cluster.connect import connect
-        from cluster.resources import PoolConfig
         from pipelines.evaluate.answer import check_pope_inputs, eval_pope
-        pool = PoolConfig(size=args.pool_size, batch_size=args.batch_size, num_gpus=args.num_gpus)
-        check_pope_inputs(args.questions, args.image_dir, args.model, args.adapter, args.backend)
+        pool = eval_pool(args)
+        check_pope_inputs(args.questions, args.image_dir, args.model, args.adapter, args.backend, dtype=args.dtype)
         connect(args.address)
-        result = eval_pope(args.questions, args.image_dir, args.model, args.adapter, args.backend, args.out, pool)
+        result = eval_pope(args.questions, args.image_dir, args.model, args.adapter, args.backend, args.out, pool,
+                           dtype=args.dtype)
     elif args.eval_cmd == "mmhal":
         from cluster.connect import connect
-        from cluster.resources import PoolConfig
         from pipelines.evaluate.judge import check_mmhal_inputs, eval_mmhal
-        pool = PoolConfig(size=args.pool_size, batch_size=args.batch_size, num_gpus=args.num_gpus)
+        pool = eval_pool(args)
         # A bad template, image folder, adapter or judge fails here, before Ray starts.
         check_mmhal_inputs(args.template, args.image_dir, args.adapter, args.judge, args.judge_key_env,
-                           args.model, args.backend, args.max_new_tokens)
+                           args.model, args.backend, args.max_new_tokens, args.dtype)
         connect(args.address)
         result = eval_mmhal(args.template, args.image_dir, args.model, args.adapter, args.judge, args.judge_model,
-                            args.judge_key_env, args.backend, args.out, pool, args.max_new_tokens)
+                            args.judge_key_env, args.backend, args.out, pool, args.max_new_tokens, args.dtype)
     elif args.eval_cmd == "pope-score":
         from pipelines.evaluate.pope import pope_score_cli
         result = pope_score_cli(args.questions, args.answers)
@@ -41,7 +51,10 @@ def _answering_args(e, batch_size: int) -> None:
     e.add_argument("--backend", choices=["transformers", "vllm"], default="transformers")
     e.add_argument("--pool-size", type=int, default=1)
     e.add_argument("--batch-size", type=int, default=batch_size)
-    e.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per answering actor")
+    e.add_argument("--num-gpus", type=float, default=None,
+                   help="GPUs per answering actor (default: 1 when CUDA is available, else 0)")
+    e.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                   help="answering model's dtype (default: the one its config was saved in)")
     e.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
     e.add_argument("--json", action="store_true")
 

@@ -25,19 +25,49 @@ def check_images(questions: list[dict], image_dir: Path) -> None:
                          file=str(image_dir))
 
 
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def model_dtype(model: str) -> str:
+    """The dtype a model was saved in (its config's dtype, `torch_dtype` in older files; a multimodal config's
+    text model's when the top level has none), the one it is evaluated in unless --dtype says otherwise: a 7B
+    saved in float16 answers in float16, as it was trained, at half float32's memory. float32 when unknown."""
+    from transformers import AutoConfig
+    try:
+        config = AutoConfig.from_pretrained(model)
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot read the model's config ({str(e).splitlines()[0]})", file=model,
+                         field="--model") from None
+    text = getattr(config, "text_config", None)
+    for value in (getattr(config, "dtype", None), getattr(text, "dtype", None)):
+        name = str(value).removeprefix("torch.") if value is not None else None
+        if name in DTYPES:
+            return name
+    return "float32"
+
+
+def eval_sampler(model: str, backend: str, max_new_tokens: int, adapter: str | None, dtype: str | None,
+                 prompt_suffix: str = "") -> SamplerConfig:
+    """The answering stage of an evaluation: greedy, one answer, in `dtype` (default: the model's own)."""
+    if dtype is not None and dtype not in DTYPES:
+        raise InputError(f"must be one of {', '.join(DTYPES)}", field="--dtype")
+    sampler = SamplerConfig(model=model, name="eval", backend=backend, n=1, temperature=0.0,
+                            max_new_tokens=max_new_tokens, prompt_suffix=prompt_suffix, adapter=adapter)
+    errs = sampler.validate("model")
+    if errs:
+        raise InputError(errs[0])
+    sampler.dtype = dtype or model_dtype(model)
+    return sampler
+
+
 def check_pope_inputs(questions_path, image_dir, model: str, adapter: str | None = None,
-                      backend: str = "transformers", max_new_tokens: int = 16):
+                      backend: str = "transformers", max_new_tokens: int = 16, dtype: str | None = None):
     """Everything about the inputs that can be wrong, checked before any Ray work."""
     questions = load_questions(questions_path)
     check_images(questions, Path(image_dir))
     if adapter and not Path(adapter).is_dir():
         raise InputError("adapter folder not found", file=str(adapter), field="--adapter")
-    sampler = SamplerConfig(model=model, name="eval", backend=backend, n=1, temperature=0.0,
-                            max_new_tokens=max_new_tokens, prompt_suffix=POPE_SUFFIX, adapter=adapter)
-    errs = sampler.validate("model")
-    if errs:
-        raise InputError(errs[0])
-    return questions, sampler
+    return questions, eval_sampler(model, backend, max_new_tokens, adapter, dtype, POPE_SUFFIX)
 
 
 def _read_images(batch, image_dir: str):
@@ -68,9 +98,10 @@ def answer_questions(rows: list[dict], image_dir: Path, sampler: SamplerConfig, 
 
 def eval_pope(questions_path: str | Path, image_dir: str | Path, model: str, adapter: str | None = None,
               backend: str = "transformers", out_dir: str | Path | None = None,
-              pool: PoolConfig | None = None, max_new_tokens: int = 16) -> dict:
+              pool: PoolConfig | None = None, max_new_tokens: int = 16, dtype: str | None = None) -> dict:
     """Answer and score one POPE question file; writes answers.jsonl and metrics.json to out_dir."""
-    questions, sampler = check_pope_inputs(questions_path, image_dir, model, adapter, backend, max_new_tokens)
+    questions, sampler = check_pope_inputs(questions_path, image_dir, model, adapter, backend, max_new_tokens,
+                                           dtype)
     image_dir = Path(image_dir)
     answers = answer_questions(questions, image_dir, sampler, pool or PoolConfig(batch_size=16))
     labels = [q["label"] for q in questions]

@@ -20,7 +20,6 @@ from urllib.parse import urlparse
 
 from actors.common.errors import InputError
 from actors.common.files import looks_local
-from actors.sampling import SamplerConfig
 from cluster.resources import PoolConfig
 from pipelines.evaluate.mmhal import (
     build_judge_prompt,
@@ -152,7 +151,8 @@ def image_name(item: dict, image_dir: Path) -> str | None:
 
 
 def check_mmhal_inputs(template, image_dir, adapter: str | None, judge: str | None, judge_key_env: str | None,
-                       model: str = "", backend: str = "transformers", max_new_tokens: int = 512):
+                       model: str = "", backend: str = "transformers", max_new_tokens: int = 512,
+                       dtype: str | None = None):
     """Everything about the inputs that can be wrong, checked before any Ray work."""
     items = load_template(template)
     image_dir = Path(image_dir)
@@ -168,12 +168,8 @@ def check_mmhal_inputs(template, image_dir, adapter: str | None, judge: str | No
         raise InputError("adapter folder not found", file=str(adapter), field="--adapter")
     if isinstance(judge, str) or judge is None:
         check_judge(judge or "", judge_key_env)
-    sampler = SamplerConfig(model=model, name="eval", backend=backend, n=1, temperature=0.0,
-                            max_new_tokens=max_new_tokens, adapter=adapter)
-    errs = sampler.validate("model")
-    if errs:
-        raise InputError(errs[0])
-    return items, names, sampler
+    from pipelines.evaluate.answer import eval_sampler
+    return items, names, eval_sampler(model, backend, max_new_tokens, adapter, dtype)
 
 
 def review_items(items: list[dict], judge) -> list[dict]:
@@ -190,7 +186,7 @@ def rated(review: str) -> bool:
 def eval_mmhal(template: str | Path, image_dir: str | Path, model: str, adapter: str | None = None,
                judge=None, judge_model: str | None = None, judge_key_env: str | None = None,
                backend: str = "transformers", out_dir: str | Path | None = None, pool: PoolConfig | None = None,
-               max_new_tokens: int = 512) -> dict:
+               max_new_tokens: int = 512, dtype: str | None = None) -> dict:
     """Answer, judge and score MMHal-Bench items; `judge` is a URL, a causal LM folder or a callable.
 
     Writes `mmhal_reviews.json` (the items with model_answer, review, rating; `synthalign eval mmhal-score`
@@ -198,7 +194,7 @@ def eval_mmhal(template: str | Path, image_dir: str | Path, model: str, adapter:
     """
     from pipelines.evaluate.answer import answer_questions
     items, names, sampler = check_mmhal_inputs(template, image_dir, adapter, judge, judge_key_env, model,
-                                               backend, max_new_tokens)
+                                               backend, max_new_tokens, dtype)
     rows = [{"question_id": i, "image": n, "text": it["question"]} for i, (it, n) in enumerate(zip(items, names))]
     answers = answer_questions(rows, Path(image_dir), sampler, pool or PoolConfig(batch_size=8))
     answered = [{**it, "model_answer": answers.get(str(i), "")} for i, it in enumerate(items)]

@@ -13,6 +13,7 @@ from collections import Counter
 from actors.common.errors import InputError
 from cluster.storage import Location, read_schema, read_table
 from pipelines.layout import RunLayout
+from pipelines.train.job import read_metrics
 
 
 def _column(folder: Location, column: str) -> list:
@@ -172,11 +173,10 @@ def write_report(run_dir) -> tuple[Location, Location]:
             plots.append((title, _plot(plots_dir / f"{name}.png", lambda ax, d=draw: d(ax, pairs))))
     else:
         md.append("No pairs yet.")
-    metrics_path = run.train_paths()["metrics"]
     md += ["", "## Training", ""]
-    if metrics_path.exists():
-        metrics = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-        last = metrics[-1] if metrics else {}
+    metrics = read_metrics(run.root)
+    if metrics:
+        last = metrics[-1]
         md.append(f"{len(metrics)} logged steps; last loss {last.get('loss', float('nan')):.4f}, "
                   f"margin {last.get('rewards/margins', float('nan')):.4f}, "
                   f"accuracy {last.get('rewards/accuracies', float('nan')):.2f}.")

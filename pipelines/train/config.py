@@ -1,16 +1,55 @@
 """The training recipe (`train:` in a run config): DPO, LoRA, schedule, DeepSpeed, the worker group."""
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import enum
+import functools
 import json
+import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from actors.common.errors import InputError, Problem
 from actors.common.files import read_user_text
 from cluster.resources import WorkersConfig
+from pipelines.typed import ConfigTypeError
+from pipelines.typed import _convert as convert_value
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 REPORT_TO = ("tensorboard", "wandb", "mlflow", "none")
+
+# The one mapping of TrainConfig fields that are DPOConfig fields (ours -> TRL's): pipelines.train.dpo hands them
+# over, and `train.dpo` refuses the TRL names so that each setting has one place.
+MIRRORED = {
+    "beta": "beta", "learning_rate": "learning_rate", "lr_scheduler_type": "lr_scheduler_type",
+    "num_train_epochs": "num_train_epochs", "max_steps": "max_steps",
+    "per_device_batch_size": "per_device_train_batch_size", "bf16": "bf16", "logging_steps": "logging_steps",
+    "save_steps": "save_steps", "seed": "seed", "optim": "optim", "weight_decay": "weight_decay",
+    "max_grad_norm": "max_grad_norm", "gradient_checkpointing": "gradient_checkpointing",
+}
+# DPOConfig fields derived from the recipe or set by the worker: `train.dpo` refuses them, saying what to use.
+SET_BY_US = {
+    "output_dir": "set by the run: results go under <output_dir>/train",
+    "warmup_steps": "use train.warmup_ratio",
+    "gradient_accumulation_steps": "use train.gradient_accumulation_steps or train.global_batch_size",
+    "report_to": "use train.report_to",
+    "deepspeed": "use train.deepspeed",
+    "max_length": "use train.max_length (longer rows are dropped, never truncated: truncation can cut image tokens)",
+    "fp16": "use train.bf16",
+    "save_strategy": "use train.save_steps",
+    "save_total_limit": "use train.num_to_keep (Ray Train keeps the checkpoints)",
+    "resume_from_checkpoint": "set by the worker: a rerun resumes from Ray Train's latest checkpoint",
+    "precompute_ref_log_probs": "set by the worker: TRL refuses it for vision datasets",
+    "remove_unused_columns": "set by the worker: the vision collator needs the image column",
+    "ddp_backend": "set by the worker for Ray Train's process group (use train.workers)",
+    "use_cpu": "set by the worker for Ray Train's process group (use train.workers.use_gpu)",
+    "accelerator_config": "set by the worker for Ray Train's process group (use train.workers)",
+    "local_rank": "set by Ray Train",
+}
 
 
 @dataclass
@@ -85,6 +124,9 @@ class TrainConfig:
     optim: str = "adamw_torch"        # torch AdamW: DeepSpeed's fused/CPU Adam compile for minutes on first use
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    # Any other field of TRL's DPOConfig, handed to it as is (checked against its fields on load), e.g.
+    # `{loss_type: [sigmoid, bco_pair], loss_weights: [1.0, 0.5]}`; not the fields above or SET_BY_US.
+    dpo: dict[str, Any] = field(default_factory=dict)
 
     def accumulation_steps(self, world_size: int) -> int:
         if self.global_batch_size is None:
@@ -132,7 +174,7 @@ class TrainConfig:
                 errs.append(Problem("train.deepspeed", f"{e}"))
         if self.weight_decay < 0 or self.max_grad_norm < 0:
             errs.append(Problem("train.weight_decay", "weight_decay and max_grad_norm must be >= 0"))
-        return errs
+        return errs + dpo_problems(self)
 
 
 def resolve_deepspeed_path(path: str) -> Path:
@@ -158,13 +200,8 @@ def load_deepspeed_config(path: str) -> dict:
     return data
 
 
-
-
 def trl_loss_types() -> list[str]:
     """The DPO loss types TRL documents on `DPOConfig.loss_type` (TRL keeps no other list of them)."""
-    import dataclasses
-    import re
-
     from trl import DPOConfig
     field_ = next(f for f in dataclasses.fields(DPOConfig) if f.name == "loss_type")
     return re.findall(r"`'(\w+)'`", field_.metadata["help"])
@@ -184,3 +221,74 @@ def check_with_libraries(cfg: TrainConfig) -> list[Problem]:
     if not cfg.model:   # not in validate(): generate-only configs need no train.model
         errs.append(Problem("train.model", "required (hub id or local path of the base VLM)"))
     return errs
+
+
+@functools.cache
+def dpo_fields() -> dict[str, Any]:
+    """DPOConfig's constructor fields and their types (importing TRL costs seconds: only for a `train.dpo`)."""
+    from trl import DPOConfig
+    hints = typing.get_type_hints(DPOConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(DPOConfig) if f.init}
+
+
+def dpo_problems(cfg: TrainConfig) -> list[Problem]:
+    """`train.dpo` against DPOConfig: known fields, not ours, of a fitting type; a loss list TRL knows."""
+    if not cfg.dpo:
+        return []
+    fields, errs = dpo_fields(), []
+    # a recipe field's own name (warmup_ratio) or the TRL field it sets (warmup_steps): the recipe's is the place
+    ours = {f.name: f"use train.{f.name}" for f in dataclasses.fields(TrainConfig)}
+    ours |= {trl: f"use train.{name}" for name, trl in MIRRORED.items()} | SET_BY_US
+    for key, value in cfg.dpo.items():
+        name = f"train.dpo.{key}"
+        if key in ours and key not in ("loss_type", "dpo"):
+            errs.append(Problem(name, ours[key]))
+        elif key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            errs.append(Problem(name, f"not a field of TRL's DPOConfig{hint}"))
+        elif not _fits(value, fields[key]):
+            errs.append(Problem(name, f"expected {_type_text(fields[key])}, got {type(value).__name__} {value!r}"))
+    if errs:
+        return errs
+    losses = cfg.dpo.get("loss_type")
+    if losses is not None:
+        if cfg.loss_type != "sigmoid" or cfg.sft_weight:
+            errs.append(Problem("train.dpo.loss_type", "replaces train.loss_type and train.sft_weight: leave those "
+                                                       "unset, or use them instead"))
+        known = trl_loss_types()
+        bad = [t for t in losses if t not in known]
+        if bad or not losses:
+            errs.append(Problem("train.dpo.loss_type", f"unknown {bad} (TRL knows {', '.join(known)})" if bad
+                                else "must name at least one loss"))
+    weights = cfg.dpo.get("loss_weights")
+    if weights is not None:
+        if cfg.sft_weight:
+            errs.append(Problem("train.dpo.loss_weights", "train.sft_weight sets the weights: use one or the other"))
+        elif len(weights) != len(losses or [cfg.loss_type]):
+            errs.append(Problem("train.dpo.loss_weights", f"{len(weights)} weights for "
+                                                          f"{len(losses or [cfg.loss_type])} loss type(s)"))
+    return errs
+
+
+def _fits(value, tp) -> bool:
+    """Whether a YAML value fits a field's type; True where the type is beyond checking here (a class TRL builds)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return any(_fits(value, arm) for arm in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if typing.get_origin(tp) is typing.Literal:
+        return value in typing.get_args(tp)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return value in {m.value for m in tp}
+    if tp in (dict, list):
+        return isinstance(value, tp)
+    try:
+        convert_value(value, tp, "")
+        return True
+    except ConfigTypeError as e:
+        return e.message.startswith("unsupported type")
+
+
+def _type_text(tp) -> str:
+    return re.sub(r"(?:<class '|')|[\w.]+\.(?=\w+\b)", "", str(tp)) if not isinstance(tp, type) else tp.__name__

@@ -158,7 +158,7 @@ def test_train_hash_follows_the_recipe_not_how_it_is_watched():
 
 # What paper-twin.yaml may change: model paths, sizes, pools, and the named CPU stand-ins (see its header).
 TWIN_MAY_CHANGE = (r"output_dir|tiny_models|tiny_recipe|rows_per_shard|eval\..*|prompts\.num_prompts"
-                   r"|images\.(model|steps|height|width|dtype)|selection\.model"
+                   r"|images\.(model|steps|height|width|dtype|cpu_offload)|selection\.model"
                    r"|samplers\[\d\]\.(model|backend|max_new_tokens|dtype)|rewards\.(text_model|dtype)|pools\..*"
                    r"|train\.(model|lora\.r|lora\.alpha|num_train_epochs|bf16|save_steps|workers\..*)")
 

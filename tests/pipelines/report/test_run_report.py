@@ -70,3 +70,17 @@ def test_margins_equal_up_to_rounding_still_plot(tmp_path):
                    run / "pairs" / "part-0.parquet")
     md, _ = write_report(run)
     assert Image.open(run / "report" / "margins.png").size[0] > 0 and "report/margins.png" in md.read_text()
+
+
+def test_training_is_read_as_train_reads_it(tmp_path):
+    """The report reads metrics.jsonl with the training's reader: blank lines skipped, an empty file (training
+    started, nothing logged yet) is no training yet rather than a plot of nothing."""
+    from pipelines.train.job import read_metrics
+    run = fake_run(tmp_path / "run")
+    metrics = run / "train" / "metrics.jsonl"
+    metrics.write_text("\n" + metrics.read_text() + "\n\n")
+    assert len(read_metrics(run)) == 4
+    assert "4 logged steps; last loss 0.4900" in write_report(run)[0].read_text()
+    metrics.write_text("")
+    text = write_report(run)[0].read_text()
+    assert "Not trained yet" in text and "report/training.png" not in text

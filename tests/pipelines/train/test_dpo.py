@@ -89,7 +89,7 @@ def test_training_records_are_one_copy_built_batch_by_batch_and_memory_mapped(tm
     import pyarrow.parquet as pq
     from datasets.table import MemoryMappedTable
 
-    from pipelines.bench.scale import noise_png
+    from benchmarks.scale import noise_png
     from pipelines.train.data import (
         BATCH_ROWS,
         build_trl_dataset,
@@ -126,3 +126,53 @@ def test_training_records_are_one_copy_built_batch_by_batch_and_memory_mapped(tm
     assert ds.features["images"].feature.decode
     from actors.common.runtime import open_png
     assert ds[5]["images"][0].size == (40, 40) and ds[5]["images"][0].tobytes() == open_png(good[5]["image"]).tobytes()
+
+
+def test_train_dpo_reaches_the_dpo_config_beside_the_recipe():
+    from conftest import ROOT
+
+    from pipelines.config import load_config
+    plain = load_config(ROOT / "configs" / "tiny.yaml").train
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [
+        "train.dpo.ld_alpha=0.5", "train.dpo.loss_type=[sigmoid, bco_pair]", "train.dpo.loss_weights=[1.0, 0.5]",
+        "train.dpo.disable_tqdm=false"]).train
+    args = dpo_args(cfg, "/tmp/x", world_size=2, use_cpu=True)
+    assert (args.ld_alpha, args.loss_type, args.loss_weights, args.disable_tqdm) == \
+        (0.5, ["sigmoid", "bco_pair"], [1.0, 0.5], False)
+    # the recipe's own fields are still what it says
+    assert (args.beta, args.learning_rate, args.per_device_train_batch_size, args.max_length, args.output_dir) == \
+        (cfg.beta, cfg.learning_rate, cfg.per_device_batch_size, None, "/tmp/x")
+    base = dpo_args(plain, "/tmp/x", world_size=2, use_cpu=True)
+    assert (base.ld_alpha, base.loss_type, base.loss_weights, base.disable_tqdm) == (None, ["sigmoid"], None, True)
+
+
+def test_a_train_dpo_loss_list_trains(llava, tmp_path):
+    """Two steps with `train.dpo: {loss_type: [sigmoid, bco_pair], loss_weights: [1.0, 0.5]}`. The adapter starts
+    as a no-op (policy = reference), so step 1's loss is log 2 (sigmoid) + 0.5 x 2 log 2 (bco_pair): 2 log 2, where
+    the recipe's sigmoid alone gives log 2."""
+    import math
+
+    import pyarrow.dataset as pads
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from pipelines.train.data import hf_dataset, to_trl_records
+    torch.manual_seed(0)
+    cfg = TrainConfig(model=str(llava), learning_rate=1e-3, max_steps=2, per_device_batch_size=2,
+                      lr_scheduler_type="constant", warmup_ratio=0.0, report_to=["none"], save_steps=100,
+                      gradient_checkpointing=False, lora=LoraConfig(dropout=0.0),
+                      dpo={"loss_type": ["sigmoid", "bco_pair"], "loss_weights": [1.0, 0.5]})
+    assert cfg.validate() == []
+    data = make_pairs_parquet(tmp_path / "pairs", n=4, files=1)
+    rows = [{k: v for k, v in r.items() if k != "pair_id"}
+            for r in to_trl_records(pads.dataset(str(data)).to_table().sort_by("pair_id"))]
+    trainer = trainer_class(cfg)(model=AutoModelForImageTextToText.from_pretrained(llava),
+                                 args=dpo_args(cfg, str(tmp_path / "hf"), use_cpu=True),
+                                 train_dataset=hf_dataset(rows), peft_config=lora_config(cfg),
+                                 processing_class=AutoProcessor.from_pretrained(llava))
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert trainer.state.global_step == 2 and len(losses) == 2
+    assert losses[0] == pytest.approx(2 * math.log(2), abs=1e-3)
+    lora_b = [p for n, p in trainer.model.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)   # the adapter moved off its zero start
