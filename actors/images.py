@@ -74,11 +74,11 @@ MEMORY_OPTIONS = ("drop_t5", "vae_tiling", "vae_slicing", "cpu_offload")
 
 def omit_default_memory_options(data: dict) -> None:
     """The data hash leaves the memory options out at their defaults (off), so a config that does not use them
-    hashes as it did before they existed."""
+    hashes as it did before they existed; CPU offload always (it moves weights between devices, the same sums run)."""
     images = data.get("images", {})
     for key in MEMORY_OPTIONS:
-        if images.get(key) is False:
-            images.pop(key)
+        if images.get(key) is False or key == "cpu_offload":
+            images.pop(key, None)
 
 
 def load_pipeline(cfg: ImagesConfig, device: str):

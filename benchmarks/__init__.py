@@ -1,1 +1,2 @@
-"""`synthalign bench` and `python -m pipelines.bench.shapes`: the benchmarks."""
+"""The benchmarks, run from a clone: `python -m benchmarks --out DIR` (the suite), `python -m benchmarks.shapes`,
+`python -m benchmarks.loop`. Not part of the installed package."""

@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 from actors.common.runtime import status_mb
-from pipelines.bench.child import run_child
-from pipelines.bench.meter import load_avg, peak_rss_mb
+from benchmarks.child import run_child
+from benchmarks.meter import load_avg, peak_rss_mb
 
 
 def write_prompts_file(path: Path, n: int, seed: int = 0) -> Path:
@@ -48,9 +48,9 @@ def _sim_env(cfg, out: Path, prompt_s: float, image_bytes: int) -> str:
 
 def generation_child(tiny: str, out: str, prompts_file: str, address: str | None = None,
                      prompt_s: float | None = None, image_bytes: int = 12288, overrides=()) -> dict:
+    from benchmarks.sim import SIM_ENV, SIM_STAGES
+    from benchmarks.streaming import tiny_run_config
     from cluster.connect import connect
-    from pipelines.bench.sim import SIM_ENV, SIM_STAGES
-    from pipelines.bench.streaming import tiny_run_config
     from pipelines.folder import RunFolder
     from pipelines.generate.job import run_generate
     out_p = Path(out)

@@ -15,12 +15,11 @@ then the pairs. What it computes, with a run config's parameters (configs/tiny.y
            gt_objects (the package's object list); coverage is not computed (tiny.yaml gives it no weight);
   pairs    highest vs lowest reward among distinct non-empty answers, kept at margin >= pairs.min_margin.
 
-    python -m pipelines.bench.loop configs/tiny.yaml --out /tmp/loop [--batch 4] [--set key=value ...]
+    python -m benchmarks.loop configs/tiny.yaml --out /tmp/loop [--batch 4] [--set key=value ...]
 """
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
@@ -28,12 +27,6 @@ from pathlib import Path
 def chunks(items: list, size: int):
     for i in range(0, len(items), size):
         yield items[i:i + size]
-
-
-def znorm(values: list[float]) -> list[float]:
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
-    return [(v - mean) / std if std > 1e-8 else 0.0 for v in values]
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
@@ -103,8 +96,11 @@ def sample_answers(vlm, torch, questions, best, out: Path) -> None:
 
 
 def score_answers(rm, clip, vocab, torch, cfg, questions, best, out: Path) -> None:
-    """rewards.jsonl: every answer's combined reward (the terms z-normalised within its question)."""
+    """rewards.jsonl: every answer's combined reward (the terms z-normalised within its question, by the
+    package's own rule: the comparison is about how the chain runs, not what it computes)."""
     from PIL import Image
+
+    from actors.rewards import combine
     model, tok = rm
     by_model = [(s.label, {a["pair_key"]: a["answers"] for a in read_jsonl(out / f"answers-{s.label}.jsonl")})
                 for s in cfg.samplers]
@@ -125,22 +121,22 @@ def score_answers(rm, clip, vocab, torch, cfg, questions, best, out: Path) -> No
         for q, c in zip(part, cands):
             n, gt = len(c), set(q["gt_objects"])
             hall = [-float(len([o for o in vocab.asserted(q["question"], a) if o not in gt])) for _, a in c]
-            terms = {"text": znorm(text[i:i + n]), "clip": znorm(clip_r[i:i + n]), "hallucination": znorm(hall)}
-            reward = [sum(w.get(name, 0.0) * z[j] for name, z in terms.items()) for j in range(n)]
+            reward = combine({"text": text[i:i + n], "clip": clip_r[i:i + n], "hallucination": hall}, w)
             scored.append({**q, "answers": [a for _, a in c], "models": [m for m, _ in c], "reward": reward})
             i += n
     write_jsonl(out / "rewards.jsonl", scored)
 
 
 def write_pairs(best, min_margin: float, out: Path) -> tuple[int, int]:
-    """pairs/pairs.parquet: highest vs lowest reward among the distinct non-empty answers."""
+    """pairs/pairs.parquet: highest vs lowest reward among the distinct non-empty answers (the package's rule)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    from actors.pairs import choose
     pairs, dropped = [], 0
     for q in read_jsonl(out / "rewards.jsonl"):
-        idx = [i for i, a in enumerate(q["answers"]) if a]
-        hi, lo = (max(idx, key=q["reward"].__getitem__), min(idx, key=q["reward"].__getitem__)) if idx else (0, 0)
-        if len({q["answers"][i] for i in idx}) < 2 or q["reward"][hi] - q["reward"][lo] < min_margin:
+        hi, lo, reason = choose(q["answers"], q["models"], q["reward"], min_margin)
+        if reason:
             dropped += 1
             continue
         b = best[q["prompt_id"]]
@@ -224,7 +220,7 @@ def main(argv=None) -> int:
     from actors.common.objects import COCO_SYNONYMS, ObjectVocab
     from actors.prompts import load_prompts
     from pipelines.config import load_config
-    p = argparse.ArgumentParser(prog="python -m pipelines.bench.loop", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.loop", description=__doc__.split("\n")[0])
     p.add_argument("config")
     p.add_argument("--out", required=True)
     p.add_argument("--batch", type=int, default=4, help="prompts per model call")

@@ -19,8 +19,8 @@ import shutil
 import time
 from pathlib import Path
 
-from pipelines.bench.child import run_child
-from pipelines.bench.meter import load_avg, median, peak_rss_mb
+from benchmarks.child import run_child
+from benchmarks.meter import load_avg, median, peak_rss_mb
 
 
 def noise_png(rng, px: int) -> bytes:
@@ -170,7 +170,7 @@ def bench_scale(work: Path, tiny: Path, sizes=(1000, 16000), px: int = 512, step
                 "finalize_rss_ratio": round(views["full"]["peak_rss_mb"] / small["finalize"]["peak_rss_mb"], 3),
                 "resume_ratio": views["resume_ratio"]})
     keep()
-    from pipelines.bench.genscale import bench_generation
+    from benchmarks.genscale import bench_generation
     for mode in ("sim", "real"):     # the sim first: the real tiny models take the longest
         if (gen or {}).get(mode):
             out[f"generation_{mode}"] = bench_generation(

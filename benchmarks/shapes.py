@@ -1,6 +1,6 @@
 """The shapes-world benchmark: does PDS-DPO reduce hallucination? Base vs adapter over several seeds.
 
-    python -m pipelines.bench.shapes --seeds 0 1 2 [--config configs/shapes.yaml] [--set key=value ...]
+    python -m benchmarks.shapes --seeds 0 1 2 [--config configs/shapes.yaml] [--set key=value ...]
 
 Per seed: pretrain the base (`pipelines.models.pretrain`, seed = the seed; reused when already built), then the same
 library calls as `synthalign run` (generate -> DPO on Ray Train -> `world_eval`) with `prompts.seed`,
@@ -12,7 +12,7 @@ minutes. Writes <out>/bench.json. Exit code 0 when every target is met, 1 otherw
 target (`rounds_verdict`, which decides the exit code there) and the one-round targets on the last round's adapter.
 A seed's minutes count its base's recorded build (`pretrain.json`), also when the base was cached.
 
-    python -m pipelines.bench.shapes --reread runs/shapes-bench/bench.json   # verdicts of a saved run, no Ray
+    python -m benchmarks.shapes --reread runs/shapes-bench/bench.json   # verdicts of a saved run, no Ray
 """
 from __future__ import annotations
 
@@ -184,7 +184,7 @@ def write_bench(out: Path, rows: list[dict], args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipelines.bench.shapes", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.shapes", description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--config", default="configs/shapes.yaml")
     p.add_argument("--out", default="runs/shapes-bench")

@@ -1,4 +1,4 @@
-"""The cluster simulation of `synthalign bench`: a multi-node cluster with declared GPUs
+"""The cluster simulation of `python -m benchmarks`: a multi-node cluster with declared GPUs
 (`ray.cluster_utils.Cluster`, in a subprocess of its own) runs the real Ray Data chain of `build_pipeline`
 with sleep stand-ins for the GPU stages, sized and costed by `synthalign plan` (pipelines/plan.py: public A100
 figures). It measures each pool's busy fraction between its first and last item and Ray's idle time between one
@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from actors.rewards import RewardScorer
-from pipelines.bench.child import REPO, run_child
+from benchmarks.child import REPO, run_child
 
 SIM_ENV = "SYNTHALIGN_SIM"
 

@@ -11,8 +11,8 @@ import shutil
 import time
 from pathlib import Path
 
-from pipelines.bench.child import REPO, run_child
-from pipelines.bench.meter import CpuMeter, load_avg, peak_rss_mb
+from benchmarks.child import REPO, run_child
+from benchmarks.meter import CpuMeter, load_avg, peak_rss_mb
 
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"
 
@@ -51,7 +51,7 @@ def compare_images(loop_dir: Path, pipe_dir: Path) -> dict:
 
 
 def run_loop_command(cfg, out: Path, batch: int, threads: int | None) -> dict:
-    """The loop as the command a user would time: `python -m pipelines.bench.loop CONFIG` in a fresh process,
+    """The loop as the command a user would time: `python -m benchmarks.loop CONFIG` in a fresh process,
     imports and model loads included (`command_seconds`); its own `seconds` start after the imports."""
     import subprocess
     import sys
@@ -61,7 +61,7 @@ def run_loop_command(cfg, out: Path, batch: int, threads: int | None) -> dict:
     config = out / "config.yaml"
     config.write_text(yaml.safe_dump(cfg.to_dict()))
     t0 = time.time()
-    proc = subprocess.run([sys.executable, "-m", "pipelines.bench.loop", str(config), "--out", str(out),
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.loop", str(config), "--out", str(out),
                            "--batch", str(batch), "--threads", str(threads or 0)],
                           cwd=REPO, check=True, capture_output=True, text=True)
     return {**json.loads(proc.stdout.strip().splitlines()[-1]), "command_seconds": round(time.time() - t0, 2)}

@@ -1,4 +1,4 @@
-"""`synthalign bench`: is the pipeline worth its machinery?
+"""`python -m benchmarks`: is the pipeline worth its machinery?
 
 streaming  `generate` vs the plain loop a user would write (loop.py, streaming.py)
 scaling    two sizes, one driver subprocess each: wall time and driver peak RSS (streaming.py)
@@ -14,7 +14,7 @@ import os
 import time
 from pathlib import Path
 
-from pipelines.bench.meter import load_avg
+from benchmarks.meter import load_avg
 
 BENCHMARKS = ("streaming", "scaling", "training", "cluster", "scale")
 
@@ -33,21 +33,21 @@ def run_bench(out: Path, only=BENCHMARKS, tiny: Path | None = None, prompts: int
     for name in only:
         t0 = time.time()
         if name == "streaming":
-            from pipelines.bench.streaming import bench_streaming
+            from benchmarks.streaming import bench_streaming
             for i, n in enumerate((prompts,) if isinstance(prompts, int) else prompts):
                 results["streaming" if i == 0 else f"streaming_{n}"] = bench_streaming(
                     work, tiny, n, loop_imports=loop_imports, ray_start_s=ray_start_s, repeats=repeats)
         elif name == "scaling":
-            from pipelines.bench.streaming import bench_scaling
+            from benchmarks.streaming import bench_scaling
             results[name] = bench_scaling(work, tiny, sizes)
         elif name == "training":
-            from pipelines.bench.training import bench_training
+            from benchmarks.training import bench_training
             results[name] = bench_training(work, tiny, train_steps)
         elif name == "scale":
-            from pipelines.bench.scale import bench_scale
+            from benchmarks.scale import bench_scale
             results[name] = bench_scale(work, tiny, **(scale or {}))
         elif name == "cluster":
-            from pipelines.bench.sim import bench_cluster
+            from benchmarks.sim import bench_cluster
             results[name] = {k: bench_cluster(work / k, **{**(sim or {}), "shape": shp})
                              for k, shp in (("balanced", None), ("given", (sim or {}).get("shape")))
                              if k == "balanced" or shp}

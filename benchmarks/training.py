@@ -6,8 +6,8 @@ import shutil
 import time
 from pathlib import Path
 
-from pipelines.bench.meter import load_avg, median
-from pipelines.bench.streaming import tiny_run_config
+from benchmarks.meter import load_avg, median
+from benchmarks.streaming import tiny_run_config
 
 
 def _step_seconds(tb_dir: Path) -> list[float]:

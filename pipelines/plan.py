@@ -4,7 +4,9 @@ Each pool's work per prompt is (GPU-seconds per item) x (items per prompt). The 
 paper's recipe) gets whole GPUs, one actor each; every other pool gets the GPU share that keeps up with it plus
 5% headroom (a share above 1 is split over several actors). The lead pool takes as many GPUs as leave room for
 the others. Per-item costs default to public A100 figures below, scaled to the config's steps, image size,
-answer length and model size; measured ones (`--costs FILE`) replace them.
+answer length and model size; measured ones (`--costs FILE`) replace them. No share is smaller than its model's
+memory (pipelines/plan_memory.py: weights, KV cache or activations) on a GPU of `--gpu-memory` GiB; a model that
+fits no GPU is refused.
 """
 from __future__ import annotations
 
@@ -20,6 +22,15 @@ import yaml
 
 from actors.common.errors import InputError
 from cluster.resources import PoolConfig
+from pipelines.plan_memory import (
+    VLLM_MARGIN,
+    Need,
+    grow_engines,
+    kv_seqs,
+    memory_floor,
+    memory_problems,
+    pool_needs,
+)
 
 # Public A100-80GB figures the defaults derive from (all dense bf16/fp16):
 # SD3-Medium at 1024x1024, 50 steps: MMDiT 5,468 ms, text encoders + VAE decode 110 ms (Stability AI's
@@ -36,6 +47,7 @@ SCORER_TOKENS = 600
 MIN_COST_S = 1e-3      # a CPU-side stage (shapes images, no scorer) still takes its turn
 HEADROOM = 1.05
 SHARE_STEP = 0.001     # GPU fractions in thousandths (Ray resolves 1e-4): a coarser step idles the small pools
+GPU_GIB = 80.0         # A100/H100 80 GB: 80 GiB of device memory
 
 
 def params_b(model: str, default: float = 7.0) -> float:
@@ -104,15 +116,17 @@ def split(gpus: float) -> tuple[int, float]:
     return size, math.ceil(gpus / size / SHARE_STEP - 1e-9) * SHARE_STEP
 
 
-def fits(shares: list[float], gpus: int) -> bool:
-    """First-fit decreasing of actor shares onto `gpus` devices: a Ray actor's GPU fraction never spans two."""
-    free = [1.0] * gpus
-    for s in sorted(shares, reverse=True):
+def pack(actors: dict[str, tuple[int, float]], gpus: int) -> list[list[str]] | None:
+    """First-fit decreasing of actor shares (pool -> (actors, share each)) onto `gpus` devices, a Ray actor's GPU
+    fraction never spanning two: the pools on each device, or None when they do not fit."""
+    free, bins = [1.0] * gpus, [[] for _ in range(gpus)]
+    for k, s in sorted(((k, a) for k, (size, a) in actors.items() for _ in range(size)), key=lambda x: -x[1]):
         i = next((i for i, f in enumerate(free) if f >= s - 1e-9), None)
         if i is None:
-            return False
+            return None
         free[i] -= s
-    return True
+        bins[i].append(k)
+    return bins
 
 
 @dataclass
@@ -126,6 +140,8 @@ class Plan:
     rows: dict[str, tuple[int, int]]   # rows per prompt, items per row
     gpus: dict[str, float]             # GPUs each pool holds (size x num_gpus)
     pools: dict[str, PoolConfig]
+    gpu_gib: float = GPU_GIB           # memory of one GPU
+    needs: dict[str, Need] = dataclasses.field(default_factory=dict)   # memory one actor needs, by pool
 
     def work(self, key: str) -> float:
         """GPU-seconds per prompt."""
@@ -172,49 +188,72 @@ class Plan:
                 "pools": {k: {"size": p.size, "num_gpus": p.num_gpus, "gpus": self.gpus[k],
                               "s_per_item": round(self.costs[k], 4), "items_per_prompt": self.rows[k][0] *
                               self.rows[k][1], "cost": "measured" if k in self.measured else "default",
-                              "prompts_per_hour": round(self.gpus[k] / self.work(k) * 3600, 1)}
-                          for k, p in self.pools.items()}}
+                              "prompts_per_hour": round(self.gpus[k] / self.work(k) * 3600, 1),
+                              **self.memory(k)}
+                          for k, p in self.pools.items()}, "gpu_memory_gib": self.gpu_gib}
+
+    def memory(self, key: str) -> dict:
+        """GiB one actor of the pool needs (weights + KV cache or activations + runtime) and may use."""
+        n = self.needs.get(key)
+        if n is None:
+            return {}
+        return {"need_gib": round(n.total, 2), "weights_gib": round(n.weights, 2), "work_gib": round(n.work, 2),
+                "share_gib": round(self.pools[key].num_gpus * self.gpu_gib, 1)}
 
 
 def make_plan(cfg, gpus_per_node: int, nodes: int = 1, costs: dict[str, float] | None = None,
-              config: str = "") -> Plan:
-    """Balance the running pools of `cfg` for `nodes` x `gpus_per_node` GPUs."""
+              config: str = "", gpu_gib: float = GPU_GIB) -> Plan:
+    """Balance the running pools of `cfg` for `nodes` x `gpus_per_node` GPUs of `gpu_gib` GiB each: every share
+    at least its model's memory."""
     if gpus_per_node < 1 or nodes < 1:
         raise InputError(f"need at least one GPU on at least one node (got --gpus {gpus_per_node}, "
                          f"--nodes {nodes})", field="--gpus")
+    if not gpu_gib > 0:
+        raise InputError(f"GPU memory must be a positive number of GiB, got {gpu_gib:g}", field="--gpu-memory")
     rows = items_per_prompt(cfg)
     cost = {**default_costs(cfg), **(costs or {})}
     work = {k: cost[k] * r * i for k, (r, i) in rows.items()}
+    floor = memory_floor(cfg, pool_needs(cfg, kv_seqs(cfg, {}, gpu_gib)), gpu_gib, SHARE_STEP)
     lead, total = max(work, key=work.get), gpus_per_node * nodes
     for lead_gpus in range(total, 0, -1):
         rate = lead_gpus / work[lead]
         share = {k: float(lead_gpus) if k == lead else work[k] * rate * HEADROOM for k in work}
-        actors = {k: split(g) for k, g in share.items()}
-        if fits([a for size, a in actors.values() for _ in range(size)], total):
+        actors = {k: (size, round(max(a, floor[k]), 3)) for k, (size, a) in
+                  ((k, split(g)) for k, g in share.items())}
+        bins = pack(actors, total)
+        if bins is not None:
             break
     else:
-        raise InputError(f"{total} GPU(s) cannot hold one {lead} GPU and the pools that keep up with it",
-                         field="--gpus")
+        raise InputError(f"{total} GPU(s) cannot hold one {lead} GPU and the pools that keep up with it and hold "
+                         f"their models", field="--gpus")
+    actors = grow_engines(cfg, actors, bins, gpu_gib, SHARE_STEP)
     samplers = {f"sampling:{s.label}": s for s in cfg.samplers}
     pools = {k: dataclasses.replace(cfg.pool(k.split(":")[0], samplers.get(k)), size=size, max_size=None,
                                     num_gpus=round(a, 3), resources={})
              for k, (size, a) in actors.items()}
+    needs = pool_needs(cfg, kv_seqs(cfg, {k: p.num_gpus for k, p in pools.items()}, gpu_gib))
     return Plan(config, nodes, gpus_per_node, cfg.prompts.num_prompts, cost, sorted(costs or {}), rows,
-                {k: round(p.size * p.num_gpus, 3) for k, p in pools.items()}, pools)
+                {k: round(p.size * p.num_gpus, 3) for k, p in pools.items()}, pools, gpu_gib, needs)
 
 
 def plan_config(plan: Plan, cfg, source: Path, out: Path) -> dict:
-    """The config `out` holds: `extends:` the input, with the plan's pools and cluster (vLLM engines that now
-    share a GPU take 0.02 less of it than their pool's share)."""
+    """The config `out` holds: `extends:` the input, with the plan's pools and cluster; each vLLM engine takes 0.02
+    less of its GPU than its pool's share, with the KV cache for the max_num_seqs the plan gave it."""
     keep = ("size", "batch_size", "num_cpus", "num_gpus", "threads", "resources")
     pools = {k: {f: getattr(p, f) for f in keep} for k, p in plan.pools.items()}
     data = {"extends": os.path.relpath(source.resolve(), out.resolve().parent),
             "cluster": {"nodes": plan.nodes, "gpus_per_node": plan.gpus_per_node}, "fuse": False, "pools": pools}
     samplers, changed = [], False
     for s in cfg.samplers:
-        share = plan.pools[f"sampling:{s.label}"].num_gpus
-        if s.backend == "vllm" and share < 1 and s.gpu_memory_utilization > share:
-            s, changed = dataclasses.replace(s, gpu_memory_utilization=round(share - 0.02, 3)), True
+        key = f"sampling:{s.label}"
+        share, need = plan.pools[key].num_gpus, plan.needs.get(key)
+        if s.backend == "vllm":
+            gmu = s.gpu_memory_utilization
+            if (share < 1 and gmu > share - VLLM_MARGIN) or (need and need.total > gmu * plan.gpu_gib):
+                gmu = round(min(share, 1.0) - VLLM_MARGIN, 3)
+            seqs = need.seqs if need else s.max_num_seqs
+            if (gmu, seqs) != (s.gpu_memory_utilization, s.max_num_seqs):
+                s, changed = dataclasses.replace(s, gpu_memory_utilization=gmu, max_num_seqs=seqs), True
         default = type(s)()   # a list replaces the parent's whole list: write each sampler, its own keys only
         samplers.append({k: v for k, v in dataclasses.asdict(s).items() if v != getattr(default, k)})
     if changed:
@@ -228,15 +267,20 @@ def write_plan(plan: Plan, cfg, source: str | Path, out: str | Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     s = plan.summary()
-    head = (f"# Written by `synthalign plan {source} --gpus {plan.gpus_per_node} --nodes {plan.nodes}`: "
+    mem = f" --gpu-memory {plan.gpu_gib:g}" if plan.gpu_gib != GPU_GIB else ""
+    need = [f"{k} {n.total:.1f}/{plan.pools[k].num_gpus * plan.gpu_gib:.1f}" for k, n in plan.needs.items()]
+    head = (f"# Written by `synthalign plan {source} --gpus {plan.gpus_per_node} --nodes {plan.nodes}{mem}`: "
             f"{s['gpus_used']:g} of {plan.nodes * plan.gpus_per_node} GPUs,\n# {s['prompts_per_hour']:g} prompts "
             f"an hour, {s['predicted_hours']:g} h predicted for {plan.prompts} prompts (costs: "
-            f"{', '.join(f'{k} {v:.3g} s' for k, v in plan.costs.items())}).\n")
+            f"{', '.join(f'{k} {v:.3g} s' for k, v in plan.costs.items())}).\n# GiB an actor needs / its share "
+            f"of a {plan.gpu_gib:g} GiB GPU: {', '.join(need)}.\n")
     tmp = out.with_name(f".{out.name}.tmp")   # checked before it takes the name: a bad plan leaves nothing
     try:
         tmp.write_text(head + yaml.safe_dump(plan_config(plan, cfg, Path(source), out), sort_keys=False,
                                              default_flow_style=None, width=120))
-        load_config(tmp)
+        problems = memory_problems(load_config(tmp), plan.gpu_gib)
+        if problems:   # the plan's own arithmetic: never expected
+            raise InputError(problems[0], file=str(out))
         tmp.replace(out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -246,10 +290,11 @@ def write_plan(plan: Plan, cfg, source: str | Path, out: str | Path) -> Path:
 def table(plan: Plan) -> str:
     s = plan.summary()
     lines = [f"{'pool':<34} {'actors':>6} {'GPU each':>8} {'GPUs':>6} {'s/item':>8} {'items/prompt':>12} "
-             f"{'prompts/h':>10}  cost"]
+             f"{'prompts/h':>10}  cost     GiB need/share"]
     for k, p in s["pools"].items():
+        mem = f"{p['need_gib']:>6.1f}/{p['share_gib']:g}" if "need_gib" in p else ""
         lines.append(f"{k:<34} {p['size']:>6} {p['num_gpus']:>8g} {p['gpus']:>6g} {p['s_per_item']:>8g} "
-                     f"{p['items_per_prompt']:>12} {p['prompts_per_hour']:>10g}  {p['cost']}")
+                     f"{p['items_per_prompt']:>12} {p['prompts_per_hour']:>10g}  {p['cost']:<8} {mem}")
     lines.append(f"{s['gpus_used']:g} of {plan.nodes} x {plan.gpus_per_node} GPUs; {s['prompts_per_hour']:g} prompts/h "
                  f"(lead: {s['lead']}); predicted wall time for {plan.prompts} prompts: {s['predicted_hours']:g} h")
     return "\n".join(lines)

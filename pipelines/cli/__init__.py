@@ -7,7 +7,6 @@ import sys
 
 from actors.common.errors import InputError
 from actors.contract import ContractError
-from pipelines.cli.bench import add_bench_command
 from pipelines.cli.cluster import add_cluster_commands
 from pipelines.cli.doctor import add_doctor_command
 from pipelines.cli.eval import add_eval_commands
@@ -196,7 +195,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_commands(sub)
     add_cluster_commands(sub)
-    add_bench_command(sub)
     add_plan_command(sub)
     add_doctor_command(sub)
     return parser

@@ -1,4 +1,5 @@
-"""`synthalign plan CONFIG --gpus N [--nodes M]`: balanced pool sizes for a GPU cluster (pipelines/plan.py)."""
+"""`synthalign plan CONFIG --gpus N [--nodes M] [--gpu-memory GIB]`: balanced pool sizes for a GPU cluster whose
+shares hold their models (pipelines/plan.py, pipelines/plan_memory.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,7 +17,7 @@ def cmd_plan(args) -> int:
     )
     cfg = load_config(args.config, args.overrides)
     costs = read_costs(args.costs, items_per_prompt(cfg)) if args.costs else None
-    plan = make_plan(cfg, args.gpus, args.nodes, costs, config=str(args.config))
+    plan = make_plan(cfg, args.gpus, args.nodes, costs, config=str(args.config), gpu_gib=args.gpu_memory)
     out = Path(args.out or Path(args.config).with_name(f"{Path(args.config).stem}-{args.nodes}x{args.gpus}.yaml"))
     written = write_plan(plan, cfg, args.config, out)
     print(plan_json(plan) if args.json else table(plan))
@@ -30,6 +31,9 @@ def add_plan_command(sub) -> None:
     p.add_argument("config", help="YAML run config, e.g. configs/paper.yaml")
     p.add_argument("--gpus", type=int, required=True, help="GPUs per node")
     p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    p.add_argument("--gpu-memory", type=float, default=80.0, metavar="GIB",
+                   help="memory of each GPU in GiB (default 80: A100/H100 80 GB); no pool gets less than its model "
+                        "needs (weights, KV cache, activations)")
     p.add_argument("--costs", help="YAML/JSON of measured GPU-seconds per item by pool (images, selection, "
                                    "sampling or sampling:<name>, rewards); defaults: public A100 figures")
     p.add_argument("--out", help="config to write (default: CONFIG-<nodes>x<gpus>.yaml beside CONFIG)")

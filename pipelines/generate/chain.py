@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -96,18 +97,36 @@ def named_chain(name: str) -> type:
     return type(name, (Chain,), {"__module__": __name__, "__qualname__": name})
 
 
+def call_rows(cfg) -> int:
+    """Rows that fill whole diffusers calls: ImageSynthesis renders `per_scale` slots a row in calls of exactly
+    `images.batch_size` (a short call is padded with copies), one call per guidance scale (the shapes backend
+    draws one image a call)."""
+    im = cfg.images
+    if im.backend == "shapes":
+        return 1
+    return im.batch_size // math.gcd(im.batch_size, im.per_scale)
+
+
+def images_batch_rows(cfg) -> int:
+    """Rows per images actor call: `pools.images.batch_size` rounded up to whole diffusers calls, so no call but
+    the stream's last is padded (a padded slot costs a full render on the bottleneck stage)."""
+    unit = call_rows(cfg)
+    return -(-cfg.pool("images").batch_size // unit) * unit
+
+
 def rows_per_block(cfg, n_prompts: int) -> int:
-    """Prompts per Ray Data block, at most ~1,000 blocks for the driver to track. Per-stage pools get one images
-    batch per block, so every later pool is fed from the first rows on (`plan` predicts with that flow). The fused
-    chain is one pool: 1 to 8 batches, about 8 blocks per actor (a balanced finish). Each block costs a
-    prompt-rows task, a shard write, an actor call and the driver's bookkeeping: on the CPU chain blocks of one
-    batch spent ~2x the CPU of blocks of four outside the actors, and eight instead of four took 2-4% less CPU
-    and wall at 2,048 prompts (docs/results.md)."""
-    pool = cfg.pool("images")
-    size = pool.batch_size
+    """Prompts per Ray Data block, at most ~1,000 blocks for the driver to track, always a whole number of images
+    batches (`images_batch_rows`): only the last block can end in a partial diffusers call. Per-stage pools get
+    one images batch per block, so every later pool is fed from the first rows on (`plan` predicts with that
+    flow). The fused chain is one pool: 1 to 8 batches, about 8 blocks per actor (a balanced finish). Each block
+    costs a prompt-rows task, a shard write, an actor call and the driver's bookkeeping: on the CPU chain blocks
+    of one batch spent ~2x the CPU of blocks of four outside the actors, and eight instead of four took 2-4% less
+    CPU and wall at 2,048 prompts (docs/results.md)."""
+    batch = images_batch_rows(cfg)
+    size = max(-(-n_prompts // 1000), batch)
     if cfg.fuse:
-        size = min(8 * pool.batch_size, max(pool.batch_size, -(-n_prompts // (8 * pool.size))))
-    return max(-(-n_prompts // 1000), size)
+        size = max(-(-n_prompts // 1000), min(8 * batch, -(-n_prompts // (8 * cfg.pool("images").size))))
+    return max(batch, -(-size // batch) * batch)
 
 
 def build_pipeline(cfg, prompts, vocab, stages=STAGES, swap: dict | None = None, startup_dir: str | None = None):
@@ -124,8 +143,10 @@ def build_pipeline(cfg, prompts, vocab, stages=STAGES, swap: dict | None = None,
         ds = ray.data.from_arrow([prompts.slice(i, size) for i in range(0, prompts.num_rows, size)])
     if cfg.fuse:  # one actor class, scheduled by pools.images
         run_steps = [Step("WholeChain", cfg.pool("images"), [p for s in run_steps for p in s.parts])]
-    for step in run_steps:
+    for i, step in enumerate(run_steps):
         kwargs = map_batches_kwargs(step.pool)
+        if i == 0 and stages[0].pool == "images":   # alone or heading the fused chain: whole diffusers calls
+            kwargs["batch_size"] = images_batch_rows(cfg)
         if cfg.faults and cfg.faults.stage:  # test-only fault injection travels as an env var
             kwargs.setdefault("runtime_env", {}).setdefault("env_vars", {})[FAULTS_ENV] = json.dumps(
                 {**dataclasses.asdict(cfg.faults),

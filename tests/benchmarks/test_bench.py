@@ -1,4 +1,4 @@
-"""`synthalign bench` at toy sizes: every key is there and every value is sane. No timing asserts: timings on
+"""`python -m benchmarks` at toy sizes: every key is there and every value is sane. No timing asserts: timings on
 shared 2-core machines say nothing; docs/results.md holds a full run."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ def _number(x) -> bool:
 
 @pytest.fixture(scope="module")
 def results(tiny_models, ray_local, tmp_path_factory):
-    from pipelines.bench.suite import run_bench
+    from benchmarks.suite import run_bench
     out = tmp_path_factory.mktemp("bench")
     tiny = tiny_models["sd"].parent  # the session's tiny models (make_tiny reuses complete folders)
     return out, run_bench(out, only=("streaming", "cluster"), tiny=tiny, prompts=8, repeats=2,
@@ -83,7 +83,7 @@ def test_loop_writes_each_stage_to_disk(results):
 def test_loop_runs_as_a_script(tiny_models, tmp_path, capsys):
     from conftest import ROOT
 
-    from pipelines.bench.loop import main
+    from benchmarks.loop import main
     t = tiny_models
     samplers = (f"[{{model: {t['llava']}, name: a, n: 2, temperature: 1.0, max_new_tokens: 4}}, "
                 f"{{model: {t['llava-b']}, name: b, n: 1, temperature: 1.0, max_new_tokens: 4}}]")
@@ -134,14 +134,14 @@ def test_writes_json_and_markdown(results):
 
 
 def test_cli_rejects_an_unknown_benchmark(tmp_path):
-    from pipelines.cli import main
-    assert main(["bench", "--out", str(tmp_path), "--only", "streaming,nope"]) == 2
+    from benchmarks.__main__ import main
+    assert main(["--out", str(tmp_path), "--only", "streaming,nope"]) == 2
 
 
 @pytest.mark.parametrize("prompts", ["5x", "0", ","])
 def test_cli_rejects_bad_prompt_counts_in_one_line(tmp_path, capsys, prompts):
-    from pipelines.cli import main
-    assert main(["bench", "--out", str(tmp_path), "--only", "streaming", "--prompts", prompts]) == 2
+    from benchmarks.__main__ import main
+    assert main(["--out", str(tmp_path), "--only", "streaming", "--prompts", prompts]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--prompts" in err
 
@@ -149,7 +149,7 @@ def test_cli_rejects_bad_prompt_counts_in_one_line(tmp_path, capsys, prompts):
 def test_given_shape_is_split_into_actors_as_the_plan_does():
     from conftest import ROOT
 
-    from pipelines.bench.sim import sim_plan
+    from benchmarks.sim import sim_plan
     from pipelines.config import load_config
     cfg = load_config(ROOT / "configs" / "pairs-9k.yaml", ["output_dir=x"])
     plan = sim_plan(cfg, shape={"images": 4, "sampling": 1, "selection": 0.5, "rewards": 1.5})
@@ -166,7 +166,7 @@ def test_scale_bench_pairs_are_incompressible_at_the_asked_size(tmp_path):
     import pyarrow.dataset as pads
     from PIL import Image
 
-    from pipelines.bench.scale import write_noise_pairs
+    from benchmarks.scale import write_noise_pairs
     from pipelines.train.data import parquet_files
     folder = write_noise_pairs(tmp_path / "p", n=5, px=64, rows_per_file=2)
     assert len(parquet_files(str(folder))) == 3
@@ -179,7 +179,7 @@ def test_scale_bench_pairs_are_incompressible_at_the_asked_size(tmp_path):
 def test_views_bench_folds_a_resume_shard_on_top_and_alone(tmp_path):
     """The views figures of the scale bench: a full fold of the scored log, a resume's one shard on top of it,
     and that shard alone, each in a finalize process of its own."""
-    from pipelines.bench.scale import bench_views
+    from benchmarks.scale import bench_views
     v = bench_views(tmp_path, n=6, px=16, rows_per_shard=2, rows_per_file=4, repeats=2)
     assert v["full"]["counts"]["pairs"] == 6 and [r["counts"]["pairs"] for r in v["resumes"]] == [8, 10]
     assert [r["counts"]["pairs"] for r in v["alones"]] == [2, 2] and v["resumes"][0]["counts"]["answers"] == 16
@@ -189,7 +189,7 @@ def test_views_bench_folds_a_resume_shard_on_top_and_alone(tmp_path):
 
 def test_resume_ratio_is_the_median_of_back_to_back_pairs():
     # The CPU-s of the 16K-pair run (2026-12-02): the second pair ran under another load than its neighbours.
-    from pipelines.bench.scale import resume_figures
+    from benchmarks.scale import resume_figures
     resumes = [{"cpu_seconds": c, "seconds": c} for c in (0.099, 0.445, 0.433)]
     alones = [{"cpu_seconds": c, "seconds": c} for c in (0.067, 0.069, 0.335)]
     f = resume_figures(resumes, alones)
@@ -199,7 +199,7 @@ def test_resume_ratio_is_the_median_of_back_to_back_pairs():
 
 def test_streaming_target_follows_the_prompt_count():
     # Issue 17: >= 1.4x the loop at 512 prompts, >= 1.7x from 2,048; the same ratio passes one and fails the other.
-    from pipelines.bench.suite import markdown
+    from benchmarks.suite import markdown
     machine = {"machine": {"cores": 2, "load_avg_start": 0.0, "load_avg_end": 0.0}}
 
     def row(prompts):

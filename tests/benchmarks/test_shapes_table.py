@@ -1,7 +1,7 @@
-"""`python -m pipelines.bench.shapes` on an iterative config: a row per round under the base, changes against it."""
+"""`python -m benchmarks.shapes` on an iterative config: a row per round under the base, changes against it."""
 from __future__ import annotations
 
-from pipelines.bench.shapes import rounds_table, table, verdict
+from benchmarks.shapes import rounds_table, table, verdict
 
 
 def metrics(acc, yes, ci, cs, cov):
@@ -30,7 +30,7 @@ def test_the_bench_runs_an_iterative_config_round_by_round(ray_local, tmp_path):
 
     from conftest import ROOT
 
-    from pipelines.bench.shapes import _run_rounds
+    from benchmarks.shapes import _run_rounds
     from pipelines.config import load_config
     from pipelines.models.pretrain import make_shapes_base
     base = make_shapes_base(tmp_path / "models", spec={"vision_steps": 5, "steps": 40, "batch": 8},
@@ -53,7 +53,7 @@ def test_bench_json_holds_the_seeds_finished_so_far(tmp_path):
     import argparse
     import json
 
-    from pipelines.bench.shapes import write_bench
+    from benchmarks.shapes import write_bench
     row = {"seed": 3, "base": metrics(0.8, 0.7, 0.2, 0.4, 0.75), "adapter": metrics(0.9, 0.5, 0.1, 0.2, 0.8),
            "pairs": 10, "seconds": {"total": 300.0}}
     args = argparse.Namespace(seeds=[3, 4, 5], config="configs/shapes.yaml", overrides=[])
@@ -72,7 +72,7 @@ def seed_row(seed, acc1, acc2, ci1, ci2, minutes=10.0):
 
 
 def test_rounds_verdict_checks_round_2_against_round_1_on_every_seed():
-    from pipelines.bench.shapes import report, rounds_verdict
+    from benchmarks.shapes import report, rounds_verdict
     good = [seed_row(0, 0.80, 0.84, 0.10, 0.08), seed_row(1, 0.75, 0.79, 0.12, 0.12)]
     rv = rounds_verdict(good)
     assert rv["met"] and [round(s["pope_gain_points"], 6) for s in rv["seeds"]] == [4.0, 4.0]
@@ -102,7 +102,7 @@ def test_reread_prints_the_verdicts_of_a_saved_bench_json(tmp_path, capsys):
     import argparse
     import json
 
-    from pipelines.bench.shapes import main, write_bench
+    from benchmarks.shapes import main, write_bench
     rows = [seed_row(0, 0.80, 0.83, 0.10, 0.08), seed_row(1, 0.75, 0.78, 0.12, 0.13)]
     write_bench(tmp_path, rows, argparse.Namespace(seeds=[0, 1], config="configs/shapes-rounds.yaml", overrides=[]))
     saved = json.loads((tmp_path / "bench.json").read_text())["rounds_verdict"]

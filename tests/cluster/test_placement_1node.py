@@ -22,7 +22,7 @@ def test_paper_1node_pools_all_start_on_one_8_gpu_node(tmp_path):
 
     from actors.prompts import load_prompts
     from actors.rewards import load_vocab
-    from pipelines.bench.sim import SIM_ENV, SIM_STAGES
+    from benchmarks.sim import SIM_ENV, SIM_STAGES
     from pipelines.config import load_config
     from pipelines.generate.chain import build_pipeline, prompt_table
     from pipelines.generate.job import write_scored

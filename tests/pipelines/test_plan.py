@@ -29,8 +29,12 @@ def test_paper_on_8_gpus_balances(paper):
     r = rates(plan)
     assert set(r) == {"images", "selection", "rewards"} | {f"sampling:{s.label}" for s in paper.samplers}
     assert plan.lead == "images" and plan.pools["images"].num_gpus == 1 and plan.pools["images"].size == 6
-    # every other pool keeps up with diffusion, none by more than the rounding of its share allows
-    assert all(r["images"] <= v <= 1.2 * r["images"] for v in r.values()), r
+    # every other pool keeps up with diffusion, none by more than the rounding of its share allows unless its
+    # model's memory sets the share (then the share is that need, or a vLLM engine took a GPU's spare memory)
+    assert all(r["images"] <= v for v in r.values()), r
+    for k, p in plan.pools.items():
+        need = plan.needs[k].total / plan.gpu_gib
+        assert r[k] <= 1.2 * r["images"] or need <= p.num_gpus <= need + 0.03 or k.startswith("sampling:"), k
     assert sum(p.size * p.num_gpus for p in plan.pools.values()) <= 8
     assert all(0 < p.num_gpus <= 1 for p in plan.pools.values())
     # predicted wall time: the lead's work, plus a tail of one batch per later pool
@@ -68,9 +72,10 @@ def test_written_config_extends_the_input_and_passes_placement(paper, tmp_path, 
     assert {k: (p.size, p.num_gpus) for k, p in cfg.running_pools().items()} == \
         {k: (p.size, p.num_gpus) for k, p in plan.pools.items()}
     # same data: only scheduling changed, and each vLLM engine's memory share with it
-    strip = [{k: v for k, v in s.items() if k != "gpu_memory_utilization"} for s in paper.data_dict()["samplers"]]
+    engine = ("gpu_memory_utilization", "max_num_seqs")
+    strip = [{k: v for k, v in s.items() if k not in engine} for s in paper.data_dict()["samplers"]]
     assert {**cfg.data_dict(), "samplers": None} == {**paper.data_dict(), "samplers": None}
-    assert [{k: v for k, v in s.items() if k != "gpu_memory_utilization"} for s in cfg.data_dict()["samplers"]] == strip
+    assert [{k: v for k, v in s.items() if k not in engine} for s in cfg.data_dict()["samplers"]] == strip
     assert all(s.gpu_memory_utilization <= cfg.pool("sampling", s).num_gpus for s in cfg.samplers)
     assert sum(p.size * p.num_gpus for p in cfg.running_pools().values()) <= gpus * nodes
 
@@ -140,7 +145,7 @@ def test_cluster_simulation_agrees_with_the_plan(tmp_path):
     stand-ins costed as the plan costs them, on a private Ray cluster declaring 8 GPUs) at a cost scale where
     Ray's per-batch overhead on this host is a few percent of a batch. A ratio of two durations of one run, not
     a speed: the stand-ins sleep what the plan says; it checks the model of the chain (batching, fill, drain)."""
-    from pipelines.bench.sim import bench_cluster
+    from benchmarks.sim import bench_cluster
     sim = bench_cluster(tmp_path, prompts=600, scale=0.05, gpus=8, config="paper.yaml")
     assert sim["pools"]["images"]["actors"] == 6 and sim["gpus_total"] <= 8
     # Ray's per-batch overhead on this host (measured in the run) added to each batch of the plan's model

@@ -1,6 +1,6 @@
 """A short shapes-world run end to end through `synthalign run`: a barely pretrained base, a few prompts, a few
 DPO steps on Ray Train, then eval/summary.json whose numbers follow from the recorded answers. The effect size
-is the benchmark's business (`python -m pipelines.bench.shapes`), not this test's."""
+is the benchmark's business (`python -m benchmarks.shapes`), not this test's."""
 from __future__ import annotations
 
 import json
