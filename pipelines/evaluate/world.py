@@ -75,9 +75,10 @@ def generated_eval_set(cfg: WorldEvalConfig, run_cfg, seed: int) -> dict:
 
 
 def load_model(model: str, adapter: str | None = None):
-    """The answering stage's transformers backend, greedy (the adapter merged on load)."""
+    """The answering stage's transformers backend, greedy (the adapter merged on load), in the model's own dtype."""
     from actors.sampling import SamplerConfig, TransformersBackend
-    return TransformersBackend(SamplerConfig(model=model, adapter=adapter), threads=1)
+    from pipelines.evaluate.answer import model_dtype
+    return TransformersBackend(SamplerConfig(model=model, adapter=adapter, dtype=model_dtype(model)), threads=1)
 
 
 def answer(backend, images, questions, max_new_tokens: int, batch_size: int) -> list[str]:

@@ -80,3 +80,9 @@ def test_num_gpus_defaults_to_one_gpu_when_cuda_is_there(inputs, monkeypatch):
     assert eval_pool(cli_args(inputs, "--num-gpus", "0.5")).num_gpus == 0.5   # given: as given
     assert eval_pool(cli_args(inputs, "--num-gpus", "0")).num_gpus == 0
     assert cli_args(inputs, "--dtype", "bfloat16").dtype == "bfloat16"
+
+
+def test_the_runs_own_evaluation_loads_the_policy_in_its_saved_dtype(bf16_llava, tiny_models):
+    from pipelines.evaluate.world import load_model
+    assert {str(p.dtype) for p in load_model(str(bf16_llava)).model.parameters()} == {"torch.bfloat16"}
+    assert {str(p.dtype) for p in load_model(str(tiny_models["llava"])).model.parameters()} == {"torch.float32"}
