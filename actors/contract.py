@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from actors.common.errors import ContractError
 from actors.images import ImageSynthesis
 from actors.pairs import PairBuilder
 from actors.prompts import QuestionExpander
@@ -16,10 +17,6 @@ PROMPT_COLUMNS = ("prompt_id", "image_prompt", "instructions", "gt_objects")
 PAIR_COLUMNS = ("pair_id", "prompt_id", "image", "image_prompt", "question", "chosen", "rejected",
                 "chosen_reward", "rejected_reward", "margin", "chosen_model", "rejected_model", "seed",
                 "guidance_scale", "image_score", "gt_objects")
-
-
-class ContractError(Exception):
-    pass
 
 
 def check_chain(source_columns, stages) -> list[str]:

@@ -4,6 +4,10 @@ from __future__ import annotations
 from typing import NamedTuple
 
 
+class ContractError(Exception):
+    """A chain whose stages do not fit: one needs a column no earlier stage adds (actors/contract.py)."""
+
+
 class InputError(Exception):
     """Bad input from the user: a file, a row in it, a field in that row."""
 

@@ -5,8 +5,7 @@ import argparse
 import json
 import sys
 
-from actors.common.errors import InputError
-from actors.contract import ContractError
+from actors.common.errors import ContractError, InputError
 from pipelines.cli.cluster import add_cluster_commands
 from pipelines.cli.doctor import add_doctor_command
 from pipelines.cli.eval import add_eval_commands

@@ -86,3 +86,13 @@ def test_pope_score_json(tmp_path):
     n_yes = sum(r["label"] == "yes" for r in rows)
     assert result["n"] == 10 and result["yes_ratio"] == 1.0
     assert result["accuracy"] == pytest.approx(n_yes / 10) and result["recall"] == 1.0
+
+
+def test_help_imports_no_stage_module():
+    """`synthalign --help` (and any command's argument parsing) stays light: no stage module, no torch."""
+    code = ("import sys; from pipelines.cli import build_parser; build_parser()\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'ray', 'transformers')\n"
+            "             or m in ('actors.contract', 'actors.images', 'actors.prompts', 'actors.sampling',\n"
+            "                      'actors.rewards', 'actors.select', 'actors.pairs')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
