@@ -51,6 +51,11 @@ class SamplerConfig:
     def label(self) -> str:
         return self.name or self.model
 
+    @property
+    def pool_key(self) -> str:
+        """Its own pool's key under `pools:`, and its stage's name in metrics, errors and node tags."""
+        return f"sampling:{self.label}"
+
     def validate(self, key: str) -> list[Problem]:
         errs = []
         if not self.model:
@@ -85,7 +90,7 @@ class SamplerConfig:
         shards over, or holds GPUs it never uses."""
         if self.backend != "vllm":
             return []
-        name = f"sampling:{self.label}" if f"sampling:{self.label}" in pools else "sampling"
+        name = self.pool_key if self.pool_key in pools else "sampling"
         gpus = getattr(pools.get(name), "num_gpus", 0.0)
         tp = self.tensor_parallel_size
         if (tp > 1 and gpus != tp) or (tp == 1 and gpus > 1):
@@ -233,7 +238,7 @@ class AnswerSampler:
         self.backend = (VllmBackend if cfg.backend == "vllm" else TransformersBackend)(cfg, threads)
 
     def __call__(self, batch):
-        return guarded(f"sampling:{self.cfg.label}", batch, self._process)
+        return guarded(self.cfg.pool_key, batch, self._process)
 
     def _process(self, batch):
         images = [open_png(b) for b in batch.column("image").to_pylist()]
@@ -245,5 +250,5 @@ class AnswerSampler:
         prev = batch.column("answers").to_pylist() if "answers" in batch.column_names else None
         answers = [(prev[i] if prev else []) + a for i, a in enumerate(new)]
         models = [(names[i] if names else []) + [self.cfg.label] * len(a) for i, a in enumerate(new)]
-        batch = add_node_tag(batch, f"sampling:{self.cfg.label}")
+        batch = add_node_tag(batch, self.cfg.pool_key)
         return with_columns(batch, {"answers": answers, "answer_models": models})

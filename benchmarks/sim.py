@@ -26,7 +26,7 @@ class _SimStage:
 
     def __init__(self, cfg, threads: int = 1, vocab=None):
         spec = json.loads(os.environ[SIM_ENV])
-        self.cfg, self.key = cfg, self.KEY or f"sampling:{cfg.label}"
+        self.cfg, self.key = cfg, self.KEY or cfg.pool_key
         self.per_item, self.log = spec["per_item"][self.key], Path(spec["log_dir"])
         self.image_bytes = spec["image_bytes"]
 
@@ -107,7 +107,7 @@ def sim_plan(cfg, gpus: int = 8, nodes: int = 1, shape: dict | None = None):
     from pipelines.plan import Plan, default_costs, items_per_prompt, make_plan, split
     if not shape:
         return make_plan(cfg, gpus, nodes)
-    rows, samplers = items_per_prompt(cfg), {f"sampling:{s.label}": s for s in cfg.samplers}
+    rows, samplers = items_per_prompt(cfg), {s.pool_key: s for s in cfg.samplers}
     want = {k: float(shape.get(k, shape.get("sampling", 1.0) if k.startswith("sampling:") else 1.0)) for k in rows}
     pools = {}
     for k, g in want.items():

@@ -95,8 +95,8 @@ class RunConfig:
     cluster: ClusterShape | None = None  # the cluster it is meant for: pools that cannot all be placed fail at load
 
     def pool(self, stage: str, sampler: SamplerConfig | None = None) -> PoolConfig:
-        if sampler is not None and f"sampling:{sampler.label}" in self.pools:
-            return self.pools[f"sampling:{sampler.label}"]
+        if sampler is not None and sampler.pool_key in self.pools:
+            return self.pools[sampler.pool_key]
         return self.pools.get(stage, PoolConfig())
 
     def running_pools(self) -> dict[str, PoolConfig]:
@@ -105,7 +105,7 @@ class RunConfig:
         if self.fuse:
             return {"images": self.pool("images")}
         out = {name: self.pool(name) for name in ("images", "selection", "rewards")}
-        out.update({f"sampling:{s.label}": self.pool("sampling", s) for s in self.samplers})
+        out.update({s.pool_key: self.pool("sampling", s) for s in self.samplers})
         return out
 
     def to_dict(self) -> dict:

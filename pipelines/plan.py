@@ -69,7 +69,7 @@ def default_costs(cfg) -> dict[str, float]:
     answer_tokens = []
     for s in cfg.samplers:
         tokens = LLAVA16_IMAGE_TOKENS + QUESTION_TOKENS + s.max_new_tokens
-        out[f"sampling:{s.label}"] = tokens / VLLM_7B_TOKENS_S * params_b(s.model) / 7.0
+        out[s.pool_key] = tokens / VLLM_7B_TOKENS_S * params_b(s.model) / 7.0
         answer_tokens.append(QUESTION_TOKENS + s.max_new_tokens)
     r = cfg.rewards
     reward = flops_seconds(params_b(r.text_model, 8.0), max(answer_tokens or [0])) if r.text_model else 0.0
@@ -83,7 +83,7 @@ def items_per_prompt(cfg) -> dict[str, tuple[int, int]]:
     """Pool key -> (rows per prompt it sees, items per row), in chain order."""
     k, q = cfg.images.num_candidates, cfg.prompts.instructions_per_prompt
     out = {"images": (1, k), "selection": (1, k)}
-    out.update({f"sampling:{s.label}": (q, s.n) for s in cfg.samplers})
+    out.update({s.pool_key: (q, s.n) for s in cfg.samplers})
     out["rewards"] = (q, sum(s.n for s in cfg.samplers))
     return out
 
@@ -227,7 +227,7 @@ def make_plan(cfg, gpus_per_node: int, nodes: int = 1, costs: dict[str, float] |
         raise InputError(f"{total} GPU(s) cannot hold one {lead} GPU and the pools that keep up with it and hold "
                          f"their models", field="--gpus")
     actors = grow_engines(cfg, actors, bins, gpu_gib, SHARE_STEP)
-    samplers = {f"sampling:{s.label}": s for s in cfg.samplers}
+    samplers = {s.pool_key: s for s in cfg.samplers}
     pools = {k: dataclasses.replace(cfg.pool(k.split(":")[0], samplers.get(k)), size=size, max_size=None,
                                     num_gpus=round(a, 3), resources={})
              for k, (size, a) in actors.items()}
@@ -245,7 +245,7 @@ def plan_config(plan: Plan, cfg, source: Path, out: Path) -> dict:
             "cluster": {"nodes": plan.nodes, "gpus_per_node": plan.gpus_per_node}, "fuse": False, "pools": pools}
     samplers, changed = [], False
     for s in cfg.samplers:
-        key = f"sampling:{s.label}"
+        key = s.pool_key
         share, need = plan.pools[key].num_gpus, plan.needs.get(key)
         if s.backend == "vllm":
             gmu = s.gpu_memory_utilization

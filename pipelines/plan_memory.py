@@ -202,7 +202,7 @@ def pool_needs(cfg, seqs: dict[str, int] | None = None) -> dict[str, Need]:
     """Need per actor, by pool key (a sampler's as sampling:<name>); `seqs`: KV sequences by pool key."""
     out = {"images": images_need(cfg.images), "selection": selection_need(cfg.selection)}
     for s in cfg.samplers:
-        key = f"sampling:{s.label}"
+        key = s.pool_key
         out[key] = sampler_need(s, (seqs or {}).get(key))
     out["rewards"] = rewards_need(cfg.rewards)
     return out
@@ -211,7 +211,7 @@ def pool_needs(cfg, seqs: dict[str, int] | None = None) -> dict[str, Need]:
 def share_gib(cfg, key: str, share: float, gpu_gib: float) -> float:
     """Memory an actor of pool `key` holding `share` of a GPU may use: a vLLM engine takes its
     gpu_memory_utilization of the device, whatever share Ray granted."""
-    s = next((s for s in cfg.samplers if f"sampling:{s.label}" == key), None)
+    s = next((s for s in cfg.samplers if s.pool_key == key), None)
     if s is not None and s.backend == "vllm":
         share = min(share, s.gpu_memory_utilization)
     return share * gpu_gib
@@ -232,7 +232,7 @@ def memory_problems(cfg, gpu_gib: float) -> list[str]:
 
 
 def vllm_samplers(cfg) -> dict:
-    return {f"sampling:{s.label}": s for s in cfg.samplers if s.backend == "vllm"}
+    return {s.pool_key: s for s in cfg.samplers if s.backend == "vllm"}
 
 
 def memory_floor(cfg, needs: dict[str, Need], gpu_gib: float, share_step: float) -> dict[str, float]:
