@@ -19,6 +19,7 @@ import pytest
 from conftest import ROOT, tiny_config
 
 SETS = {"rounds": 2, "prompts.num_prompts": 4, "prompts.instructions_per_prompt": 2, "rows_per_shard": 2,
+        "images.batch_size": 1,   # one prompt per diffusers call: blocks of one prompt, shards from the first rows
         "pools.images.batch_size": 1, "pools.sampling.batch_size": 2, "pools.rewards.batch_size": 2,
         "train.deepspeed": "null", "train.workers.num_workers": 1, "train.max_steps": 2,
         # a learning rate that moves a random tiny model's samples after two steps
