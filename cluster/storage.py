@@ -8,8 +8,10 @@ upload completes, and we upload from memory so a failed write leaves nothing beh
 """
 from __future__ import annotations
 
+import errno
 import fnmatch
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 REMOTE_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "hdfs")
@@ -127,7 +129,8 @@ class Location:
             return self
         from actors.common.files import atomic_write
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.path, bytes(data))
+        with naming(self):
+            atomic_write(self.path, bytes(data))
         return self
 
     def write_text(self, text: str) -> Location:
@@ -171,6 +174,28 @@ class Location:
         return Location._child(self, uri, self.path.rstrip("/").rsplit("/", 1)[0])
 
 
+class NoSpace(OSError):
+    """A write that found no space (ENOSPC, or EDQUOT: a quota), naming its file. It pickles whole: a write task's
+    error reaches the driver through Ray, and Ray Data appends to an exception's args on the way."""
+
+    def __reduce__(self):
+        return type(self), (self.errno, self.strerror, self.filename)
+
+
+@contextmanager
+def naming(loc: Location):
+    """An OSError of a local write names the file (pyarrow's and a plain write's name none), so that the one
+    line a full disk ends a run with can say where."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise NoSpace(e.errno, os.strerror(e.errno), e.filename or loc.uri) from e
+        if e.filename is None and e.errno:
+            raise OSError(e.errno, os.strerror(e.errno), loc.uri) from e
+        raise
+
+
 def read_table(loc: Location, columns=None):
     """A Parquet file; `columns` that the file lacks are left out."""
     import pyarrow.parquet as pq
@@ -193,7 +218,7 @@ def write_table(table, loc: Location) -> Location:
     if not loc.remote:
         from actors.common.files import atomic_file
         Path(loc.path).parent.mkdir(parents=True, exist_ok=True)
-        with atomic_file(loc.path) as tmp:
+        with naming(loc), atomic_file(loc.path) as tmp:   # a failed write removes its temporary file
             pq.write_table(table, tmp)
         return loc
     sink = pa.BufferOutputStream()

@@ -19,7 +19,7 @@ from cluster.storage import Location
 from pipelines.config import RunConfig
 from pipelines.layout import RunLayout
 
-DATA_PARTS = ("scored", "pairs", "candidates", "errors", ".views", ".faults", ".startup", "manifest.json")
+DATA_PARTS = ("scored", "pairs", "candidates", "errors", ".views", ".faults", ".startup", ".reserve", "manifest.json")
 TRAIN_PARTS = ("train",)
 EVAL_PARTS = ("eval", "report", "report.md", "report.html")
 
@@ -53,6 +53,9 @@ class RunFolder(RunLayout):
     def __init__(self, cfg: RunConfig):
         super().__init__(cfg.output_dir)
         self.cfg = cfg
+
+    # Room a generate run holds while it writes, freed to record its failure when the disk fills up.
+    reserve = property(lambda self: self.root / ".reserve")
 
     @classmethod
     def at(cls, where) -> RunFolder:
@@ -89,6 +92,11 @@ class RunFolder(RunLayout):
         if recipe.get("train_hash") == self.cfg.train_hash():
             return None
         return changed_keys(recipe.get("train", {}), self.cfg.train_dict(), "train")
+
+    def trained(self) -> bool:
+        """Training finished here: a summary that does not say `failed` (a failed run leaves one saying why)."""
+        summary = self.train_paths()["summary"]
+        return summary.exists() and json.loads(summary.read_text()).get("status") != "failed"
 
     # ---- claiming it for this config -----------------------------------------------------------------------
     def prepare(self, overwrite: bool = False, data: bool = True, train: bool = False) -> Location:

@@ -42,3 +42,11 @@ def raise_first(problems: list[Problem], file: str | None = None) -> None:
     """Raise the first problem as an InputError (saying how many more there are); nothing when there is none."""
     if problems:
         raise problems[0].error(file, len(problems) - 1)
+
+
+def failure_reason(e: BaseException) -> str:
+    """What a manifest or training summary records about the error that ended a run: its type and first line."""
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted"
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:500]

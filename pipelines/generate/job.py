@@ -3,15 +3,17 @@
 The stream ends in `scored/` (one row per image-question with every candidate and reward term); the
 finished views `pairs/` (kept pairs) and `candidates/` (one row per answer) are derived from it: a run or
 resume folds in only the shards they lack, each new file written under a temporary name and renamed into
-place (views.py), so a reader never sees half a file.
+place (views.py), so a reader never sees half a file. A write that finds no space ends the run in one line
+(`DiskFull`: what is written and where); the finished shards stay whole and the same command resumes.
 """
 from __future__ import annotations
 
-import contextlib
+import errno
+import os
 import time
 from pathlib import Path
 
-from actors.common.errors import InputError
+from actors.common.errors import InputError, failure_reason
 from actors.common.files import looks_local
 from actors.rewards import load_vocab
 from cluster.resources import WRITE_CPUS, task_kwargs
@@ -24,6 +26,7 @@ from pipelines.generate.outputs import (
     finalize,
     question_counts,
     shards,
+    written_pairs,
 )
 from pipelines.generate.source import PromptSource
 
@@ -42,6 +45,42 @@ def package_versions() -> dict:
 
 class JobError(Exception):
     """The job ran but its result is not acceptable (e.g. too many bad rows)."""
+
+
+class DiskFull(JobError):
+    """A write found no space (a full disk or a quota): what was written stays whole; the same command resumes."""
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+RESERVE_BYTES = 64 << 10   # several manifests' worth: a run that fills the disk can still record why it ended
+
+
+def no_space(e: BaseException) -> OSError | None:
+    """The out-of-space OSError behind `e`, if any: Ray hands a task's error over as `cause` (inside a
+    RayTaskError that is also an OSError, without the file name), Python chains."""
+    todo, seen, found = [e], set(), []
+    while todo:
+        x = todo.pop()
+        if not isinstance(x, BaseException) or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.errno in NO_SPACE:
+            found.append(x)
+        todo += [getattr(x, "cause", None), x.__cause__, x.__context__]
+    own = [x for x in found if not any(c.__name__ == "RayTaskError" for c in type(x).__mro__)]
+    return (own or found or [None])[0]
+
+
+def disk_full_line(folder: RunFolder, err: OSError) -> str:
+    """What a run stopped by a full disk says: where the write failed, what is kept, how to go on."""
+    what = "disk full" if err.errno == errno.ENOSPC else "disk quota exceeded"
+    try:
+        n_shards, n_pairs = written_pairs(folder.scored)
+        kept = f"{n_shards} shards, {n_pairs} pairs written to {folder.root}"
+    except OSError:   # the shards are whole (written beside, renamed); only counting them failed
+        kept = f"the shards written so far are kept in {folder.scored}"
+    where = str(err.filename or folder.root).splitlines()[0]
+    return f"{what} writing {where}: {kept}; free space and run the same command to resume"
 
 
 def check_models(cfg: RunConfig) -> None:
@@ -74,13 +113,6 @@ def write_scored(ds, folder, rows_per_shard: int) -> None:
     """Stream a pipeline's rows into durable shards (the write is a light task beside the actor pools)."""
     from pipelines.generate.sink import AtomicParquetSink
     ds.write_datasink(AtomicParquetSink(str(folder), rows_per_shard), ray_remote_args=task_kwargs(WRITE_CPUS))
-
-
-def failure_reason(e: BaseException) -> str:
-    if isinstance(e, KeyboardInterrupt):
-        return "interrupted"
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"[:500]
 
 
 def startup_timings(folder, stream_start: float, scored, since: float) -> dict:
@@ -128,34 +160,47 @@ def run_generate(cfg: RunConfig, overwrite: bool = False, prepared=None, clock: 
     folder = RunFolder(cfg)
     check_everywhere(folder.root)   # a local folder on several nodes: every node must see it
     base = {"versions": package_versions()}
-    folder.write_manifest({**base, "status": "running"})  # claims the folder for this config
     scored, startup = folder.scored, folder.startup
-    clean_partial(scored)
-    plan = prompts.plan(question_counts(scored), lambda todo: rows_per_block(cfg, todo))
-    startup.rmtree()   # this invocation's actors only
-    t_prep = time.time()
+    reserve = None if folder.root.remote else folder.reserve   # object storage does not fill up
     try:
+        folder.write_manifest({**base, "status": "running"})  # claims the folder for this config
+        if reserve:
+            reserve.write_bytes(os.urandom(RESERVE_BYTES))   # random: a compressing file system keeps it too
+        clean_partial(scored)
+        plan = prompts.plan(question_counts(scored), lambda todo: rows_per_block(cfg, todo))
+        startup.rmtree()   # this invocation's actors only
+        t_prep = time.time()
         if plan.todo:
             write_scored(build_pipeline(cfg, prompts.dataset(plan), vocab, swap=swap, startup_dir=str(startup)),
                          scored, cfg.rows_per_shard)
         t_stream = time.time()
         counts = finalize(folder.root, cfg.min_rows_per_file)
+        counts["images_rendered"] = plan.todo * cfg.images.num_candidates
+        counts["prompts_resumed"] = plan.done
+        error_fraction = counts["errors"] / max(1, counts["questions"])
+        status = "failed" if error_fraction > cfg.max_error_fraction else "complete"
+        before = {k: v for k, v in (clock or {}).items() if k in ("launch", "ray_start")}
+        timings = {"prepare": round(t_prep - t0, 2), **before, **startup_timings(startup, t_prep, scored, since),
+                   "stream": round(t_stream - t_prep, 2), "finalize": round(time.time() - t_stream, 2),
+                   "total": round(time.time() - t0, 2)}
+        if clock:
+            timings["command"] = round(time.time() - since, 2)
+        manifest = {**base, "status": status, "counts": counts, "timings_s": timings}
+        folder.write_manifest(manifest)
+        if reserve:
+            reserve.unlink()
     except BaseException as e:   # what was written stays; the manifest says why the run ended
-        with contextlib.suppress(OSError):   # storage that refuses the manifest too: the first error counts
-            folder.write_manifest({**base, "status": "failed", "reason": failure_reason(e)})
+        full = no_space(e)
+        reason = disk_full_line(folder, full) if full else failure_reason(e)
+        try:
+            if reserve:
+                reserve.unlink()
+            folder.write_manifest({**base, "status": "failed", "reason": reason})  # whole or not at all
+        except OSError:   # storage that refuses the manifest too: the first error counts
+            reason += "; manifest.json not updated (it keeps its last whole version)"
+        if full:
+            raise DiskFull(reason) from e
         raise
-    counts["images_rendered"] = plan.todo * cfg.images.num_candidates
-    counts["prompts_resumed"] = plan.done
-    error_fraction = counts["errors"] / max(1, counts["questions"])
-    status = "failed" if error_fraction > cfg.max_error_fraction else "complete"
-    before = {k: v for k, v in (clock or {}).items() if k in ("launch", "ray_start")}
-    timings = {"prepare": round(t_prep - t0, 2), **before, **startup_timings(startup, t_prep, scored, since),
-               "stream": round(t_stream - t_prep, 2), "finalize": round(time.time() - t_stream, 2),
-               "total": round(time.time() - t0, 2)}
-    if clock:
-        timings["command"] = round(time.time() - since, 2)
-    manifest = {**base, "status": status, "counts": counts, "timings_s": timings}
-    folder.write_manifest(manifest)
     if status == "failed":
         raise JobError(f"{counts['errors']} of {counts['questions']} image-questions failed "
                        f"({error_fraction:.1%} > max_error_fraction {cfg.max_error_fraction:.1%}); "

@@ -62,6 +62,22 @@ def question_counts(scored) -> dict[str, int]:
                     per_prompt.column("pair_key_count_distinct").to_pylist()))
 
 
+def written_pairs(scored) -> tuple[int, int]:
+    """The shards in `scored/` and the pairs they hold (distinct keys of rows without an error or a drop reason):
+    what a run that stopped early leaves for the next one."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    files, keys = shards(scored), []
+    for f in files:
+        t = read_shard(f, ["pair_key", "error", "drop_reason"])
+        for c in ("error", "drop_reason"):
+            if c in t.column_names:
+                t = t.filter(pc.is_null(t.column(c)))
+        keys.append(t.column("pair_key").cast(pa.string()))
+    n = pc.count_distinct(pa.chunked_array([c for k in keys for c in k.chunks], pa.string())).as_py() if keys else 0
+    return len(files), n
+
+
 # Per candidate, every list the rewards stage adds (each term, `hallucinated`, the combined `reward`): taken
 # from the stage's own column list, so a term added there reaches candidates/ without an edit here.
 CANDIDATE_TERMS = RewardScorer.ADDS

@@ -3,12 +3,12 @@
 State: `.views/state.json` (written whole) lists the folded shards, the next part number per view, the
 additive counts and the key index files (`.views/keys-NNNNN.parquet`: pair_key, prompt_id of every good row a
 fold kept). A fold writes its new part files under dot-temporary names, commits the state with the moves
-still to do (`pending`) and the files they make obsolete, then does them: a kill before the commit leaves only
-temporary files (removed next time, the shards are folded again); a kill after it is rolled forward by the
-next finalize (every step can be done twice). A reader of `pairs/` sees whole files only. The same steps work
-on object storage, where a move is a copy and a delete. The errors view is small (four strings per failed
-row) and is rewritten whole when it changes, since a retry that succeeds in a later shard removes its error
-row.
+still to do (`pending`) and the files they make obsolete, then does them: a write that fails before the commit
+(a full disk) removes what the fold wrote; a kill before it leaves only temporary files (removed next time, the
+shards are folded again); a kill after it is rolled forward by the next finalize (every step can be done twice).
+A reader of `pairs/` sees whole files only. The same steps work on object storage, where a move is a copy and a
+delete. The errors view is small (four strings per failed row) and is rewritten whole when it changes, since a
+retry that succeeds in a later shard removes its error row.
 
 The rules are the full rebuild's, in fold order (shard names sort by write time, so a resume's shards come
 after the folded ones): the first good row of a key wins; a failed row stands only while no good row of its
@@ -137,7 +137,6 @@ def _read_errors(out: Location) -> dict:
 def fold(out, rows_per_file: int, shards: list, fold_rows) -> dict:
     """Fold the shards not yet in the views; `fold_rows(table, good_seen, errors)` splits one shard (see
     outputs.py). Returns the manifest counts of the whole folder."""
-    import pyarrow as pa
     out = Location(out)
     state = _load_state(out)
     if state is not None:
@@ -158,8 +157,21 @@ def fold(out, rows_per_file: int, shards: list, fold_rows) -> dict:
     new = [f for f in shards if f.name not in folded]
     if not new and not fresh:
         return _counts(state, good_seen, prompts, errors)
-
     parts = {v: _Parts(out / v, rows_per_file, state["next_part"][v]) for v in ("pairs", "candidates")}
+    made: list[Location] = []   # what this fold wrote before its commit: removed if it never commits
+    try:
+        _fold_new(out, state, new, fresh, parts, made, good_seen, prompts, errors, fold_rows)
+    except Exception:   # e.g. a full disk: the old views and state stand, no temporary file stays
+        for f in [*made, *(tmp for p in parts.values() for tmp, _ in p.written)]:
+            f.unlink()
+        raise
+    _roll_forward(out, state)
+    return _counts(state, good_seen, prompts, errors)
+
+
+def _fold_new(out, state, new, fresh, parts, made, good_seen, prompts, errors, fold_rows) -> None:
+    """Write the new files of `fold` under temporary names (and the key file), then commit the state."""
+    import pyarrow as pa
     errors_before = list(errors)
     new_keys, new_pids, counts = [], [], state["counts"]
     for f in new:
@@ -187,12 +199,14 @@ def fold(out, rows_per_file: int, shards: list, fold_rows) -> dict:
         if errors:
             final = out / "errors" / "part-00000.parquet"
             rows = pa.Table.from_pylist(list(errors.values()), schema=_error_schema())
+            made.append(_temporary(final))
             pending.append((write_table(rows, _temporary(final)), final))
         state["errors_file"] = bool(errors)
     if sum(len(k) for k in new_keys):
         name = f"keys-{len(state['key_files']):05d}.parquet"
         (out / STATE_DIR).mkdir()
         keys = pa.table({"pair_key": _strings(new_keys), "prompt_id": _strings(new_pids)})
+        made.append(out / STATE_DIR / name)
         write_table(keys, out / STATE_DIR / name)
         state["key_files"].append(name)
         prompts.append(keys.column("prompt_id"))
@@ -202,8 +216,6 @@ def fold(out, rows_per_file: int, shards: list, fold_rows) -> dict:
     # Never a file a move will land on: deleting one again after its move (a roll forward done twice) would lose it.
     state["obsolete"] = [f.relative_to(out) for files in replaced.values() for f in files if f not in targets]
     _commit(out, state)  # the commit point: before it the old views stand, after it the new ones
-    _roll_forward(out, state)
-    return _counts(state, good_seen, prompts, errors)
 
 
 def _strings(columns: list):

@@ -60,7 +60,7 @@ def round_done(c: RunConfig) -> bool:
     folder = RunFolder(c)
     m = folder.manifest()
     return (m is not None and m.get("status") == "complete" and folder.stale_data() is None
-            and folder.stale_train() is None and folder.train_paths()["summary"].exists())
+            and folder.stale_train() is None and folder.trained())
 
 
 def prepare_rounds(cfg: RunConfig, overwrite: bool = False):

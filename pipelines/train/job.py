@@ -9,17 +9,18 @@ like in the job's runtime_env). Layout under `<output_dir>/train/` (pipelines.la
     ray/dpo/      Ray Train run (checkpoints; a rerun on the same output_dir resumes from the latest one)
     adapter/      PEFT adapter + processor          merged/   merged model (cfg.merge_adapter)
     metrics.jsonl one line per logged step           tb/       TensorBoard events
-    summary.json  what `run_train` returns
+    summary.json  what `run_train` returns (`status: complete`), or `status: failed` and the reason
 The records the workers train on are built on each node, in a scratch folder of its own (pipelines.train.outputs).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import uuid
 from pathlib import Path
 
-from actors.common.errors import InputError, raise_first
+from actors.common.errors import InputError, failure_reason, raise_first
 from actors.common.files import looks_local
 from cluster.storage import Location, check_everywhere, is_uri
 from pipelines.layout import RunLayout
@@ -94,21 +95,26 @@ def run_train(cfg: TrainConfig, data_path: str | None, output_dir: str, resume: 
     }
     # Ray Train writes and finds its checkpoints itself, through pyarrow, on a local path or a URI alike.
     ray_dir = paths["ray"]
-    trainer = TorchTrainer(
-        train_worker.train_loop,
-        train_loop_config=loop_config,
-        scaling_config=scaling_config(cfg.workers),
-        run_config=RunConfig(
-            storage_path=str(ray_dir.local) if ray_dir.local else ray_dir.uri, name=paths["run"].name,
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep),
-            failure_config=FailureConfig(max_failures=cfg.max_failures)),
-    )
-    result = trainer.fit()
-    if not paths["summary"].exists():
-        raise RuntimeError(f"training finished without writing {paths['summary']} (see the Ray worker logs)")
-    summary = json.loads(paths["summary"].read_text())
+    try:
+        trainer = TorchTrainer(
+            train_worker.train_loop,
+            train_loop_config=loop_config,
+            scaling_config=scaling_config(cfg.workers),
+            run_config=RunConfig(
+                storage_path=str(ray_dir.local) if ray_dir.local else ray_dir.uri, name=paths["run"].name,
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep),
+                failure_config=FailureConfig(max_failures=cfg.max_failures)),
+        )
+        result = trainer.fit()
+        if not paths["summary"].exists():
+            raise RuntimeError(f"training finished without writing {paths['summary']} (see the Ray worker logs)")
+        summary = json.loads(paths["summary"].read_text())
+    except BaseException as e:   # a reader of the folder sees why training ended, not just no summary
+        with contextlib.suppress(OSError):   # storage that refuses this too: the first error counts
+            paths["summary"].write_text(json.dumps({"status": "failed", "reason": training_failure(e)}, indent=2))
+        raise
     summary.update({
-        "output_dir": str(paths["root"]), "adapter": str(paths["adapter"]),
+        "status": "complete", "output_dir": str(paths["root"]), "adapter": str(paths["adapter"]),
         "merged": str(paths["merged"]) if cfg.merge_adapter else None,
         "metrics": str(paths["metrics"]), "tensorboard": str(paths["tb"]) if "tensorboard" in cfg.report_to
         else None, "checkpoint": _checkpoint_uri(result.checkpoint, ray_dir),
@@ -117,9 +123,20 @@ def run_train(cfg: TrainConfig, data_path: str | None, output_dir: str, resume: 
     return summary
 
 
+def training_failure(e: BaseException) -> str:
+    """Why training ended, in a line: Ray Train's own error names its workers' errors only in a long text, so the
+    lowest failed rank's error is named (or the controller's)."""
+    failures = getattr(e, "worker_failures", None)
+    if isinstance(failures, dict) and failures:
+        rank = min(failures)
+        return f"{type(e).__name__}: rank {rank}: {failure_reason(failures[rank])}"[:500]
+    inner = getattr(e, "controller_failure", None)
+    return failure_reason(inner if isinstance(inner, BaseException) else e)
+
+
 def _clear(paths: dict[str, Location], resume: bool) -> None:
     """Without resume, the Ray Train run and the previous outputs go first; the old summary goes always (a
-    summary is written last: it marks a finished run)."""
+    summary is written last: it marks a finished run, or says why it failed)."""
     if not resume:
         for key in ("run", "adapter", "merged", "tb", "data"):
             paths[key].rmtree()
