@@ -31,12 +31,16 @@ class NodeFacts:
         return f"{self.address} ({self.node_id[:12]})"
 
 
-def _version(name: str) -> str | None:
+def installed_versions(names) -> dict[str, str | None]:
+    """{name: installed version, None when the package is not installed}."""
     from importlib.metadata import PackageNotFoundError, version
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return None
+    out = {}
+    for name in names:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
 
 
 def _cached(repo_id: str) -> bool:
@@ -55,7 +59,7 @@ def probe(paths: list[str], hub_ids: list[str], output_dir: str | None) -> dict:
     import uuid
 
     import torch
-    out = {"python": platform.python_version(), "packages": {p: _version(p) for p in PACKAGES},
+    out = {"python": platform.python_version(), "packages": installed_versions(PACKAGES),
            "cuda": torch.version.cuda, "nccl": None, "gpus": [], "gpu_memory_gb": []}
     if torch.cuda.is_available():
         out["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))

@@ -174,6 +174,9 @@ class Location:
         return Location._child(self, uri, self.path.rstrip("/").rsplit("/", 1)[0])
 
 
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)   # a full disk, or a quota
+
+
 class NoSpace(OSError):
     """A write that found no space (ENOSPC, or EDQUOT: a quota), naming its file. It pickles whole: a write task's
     error reaches the driver through Ray, and Ray Data appends to an exception's args on the way."""
@@ -189,7 +192,7 @@ def naming(loc: Location):
     try:
         yield
     except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        if e.errno in NO_SPACE:
             raise NoSpace(e.errno, os.strerror(e.errno), e.filename or loc.uri) from e
         if e.filename is None and e.errno:
             raise OSError(e.errno, os.strerror(e.errno), loc.uri) from e

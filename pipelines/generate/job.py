@@ -16,8 +16,9 @@ from pathlib import Path
 from actors.common.errors import InputError, failure_reason
 from actors.common.files import looks_local
 from actors.rewards import load_vocab
+from cluster.doctor import PACKAGES, installed_versions
 from cluster.resources import WRITE_CPUS, task_kwargs
-from cluster.storage import Location, check_everywhere
+from cluster.storage import NO_SPACE, Location, check_everywhere
 from pipelines.config import RunConfig
 from pipelines.folder import RunFolder
 from pipelines.generate.chain import build_pipeline, rows_per_block
@@ -32,15 +33,8 @@ from pipelines.generate.source import PromptSource
 
 
 def package_versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-    out = {}
-    for name in ("synthalign", "ray", "torch", "transformers", "diffusers", "trl", "peft", "deepspeed",
-                 "pyarrow", "vllm"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out
+    found = installed_versions(("synthalign", *PACKAGES))
+    return {name: v for name, v in found.items() if v}
 
 
 class JobError(Exception):
@@ -51,7 +45,6 @@ class DiskFull(JobError):
     """A write found no space (a full disk or a quota): what was written stays whole; the same command resumes."""
 
 
-NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 RESERVE_BYTES = 64 << 10   # several manifests' worth: a run that fills the disk can still record why it ended
 
 
