@@ -42,12 +42,20 @@ class Stage:
     config: str                        # RunConfig section; a list section (samplers) gives one stage each
     then: type | None = None           # row-wise step run on the output in the same actor
     then_config: str | None = None     # RunConfig section handed to `then` as cfg
+    then_also: tuple[str, ...] = ()    # further RunConfig sections handed to `then`, each by its own name
     needs_vocab: bool = False
+
+    def then_kwargs(self, cfg) -> dict:
+        """Constructor arguments of `then` from the run config."""
+        kwargs = {"cfg": getattr(cfg, self.then_config)} if self.then_config else {}
+        return {**kwargs, **{name: getattr(cfg, name) for name in self.then_also}}
 
 
 STAGES = (
     Stage("images", ImageSynthesis, "images"),
     Stage("selection", ImageSelection, "selection", then=QuestionExpander),
     Stage("sampling", AnswerSampler, "samplers"),
-    Stage("rewards", RewardScorer, "rewards", then=PairBuilder, then_config="pairs", needs_vocab=True),
+    # The last step of the chain: PairBuilder scales `image` to images.store_size for storage.
+    Stage("rewards", RewardScorer, "rewards", then=PairBuilder, then_config="pairs", then_also=("images",),
+          needs_vocab=True),
 )

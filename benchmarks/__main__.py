@@ -37,7 +37,7 @@ def cmd_bench(args) -> int:
     if not prompts or min(prompts) < 1:
         raise InputError(f"expected prompt counts >= 1, got {args.prompts!r}", field="--prompts")
     ray_start_s = None
-    if set(only) - {"cluster"}:  # the cluster simulation starts its own Ray in a subprocess
+    if set(only) - {"cluster", "chaos"}:  # the cluster simulation and the chaos soak start their own Ray
         import time
 
         import ray
@@ -56,7 +56,7 @@ def cmd_bench(args) -> int:
                                "gen": {"sim": _ints(args.scale_gen_sim), "real": _ints(args.scale_gen_real),
                                        "prompt_s": args.scale_gen_prompt_s,
                                        "sim_overrides": [f"rows_per_shard={args.scale_gen_sim_shard_rows}"]}},
-                        ray_start_s=ray_start_s)
+                        ray_start_s=ray_start_s, chaos={"faults": args.chaos_faults, "seed": args.chaos_seed})
     print(json.dumps(results, indent=2))
     print(f"-> {args.out}/results.json, {args.out}/results.md")
     return 0
@@ -68,9 +68,10 @@ def build_parser():
                                 description="performance benchmarks (streaming, scaling, training, cluster simulation)")
     p.add_argument("--out", required=True, help="folder for results.json, results.md and the runs")
     p.add_argument("--only", default="streaming,scaling,training,cluster,scale",
-                   help="comma-separated subset of streaming,scaling,training,cluster,scale")
+                   help="comma-separated subset of streaming,scaling,training,cluster,scale,chaos (chaos: "
+                        "only when named)")
     p.add_argument("--prompts", default="2048", help="streaming: prompts (pipeline vs loop); several, e.g. 512,2048, "
-                   "run one after the other")
+                   "run one after the other; chaos: the first")
     p.add_argument("--repeats", type=int, default=1, help="streaming: loop/pipeline pairs per size, run in turn "
                    "(the pair with the median ratio is reported, every pair listed)")
     p.add_argument("--scaling-sizes", default="500,2250", help="scaling: prompts per run (2K-vs-9K proportions)")
@@ -94,6 +95,9 @@ def build_parser():
     p.add_argument("--scale-gen-prompt-s", type=float, default=0.005, help="scale: stand-in seconds a prompt")
     p.add_argument("--scale-gen-sim-shard-rows", type=int, default=256,
                    help="scale: rows_per_shard of the stand-in runs (tiny.yaml's 8 would make 5,000 write tasks)")
+    p.add_argument("--chaos-faults", type=int, default=24, help="chaos: faults to inject (about one in five a "
+                   "worker node's raylet, the last the driver, the rest pool actors); its prompts: --prompts")
+    p.add_argument("--chaos-seed", type=int, default=0, help="chaos: seed of the fault schedule")
     p.add_argument("--tiny", help="tiny models folder (default OUT/tiny)")
     p.add_argument("--address", help="Ray address to attach to (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")

@@ -4,8 +4,9 @@ streaming  `generate` vs the plain loop a user would write (loop.py, streaming.p
 scaling    two sizes, one driver subprocess each: wall time and driver peak RSS (streaming.py)
 training   Ray Train DPO step time vs plain TRL (training.py)
 cluster    a simulated GPU cluster running the real Ray Data chain on sleep stand-ins (sim.py)
+chaos      generate on a two-node local cluster under killed actors, nodes and drivers vs a fault-free run (chaos.py)
 
-Library code: the caller connects Ray (the CLI does); the cluster simulation starts its own in a subprocess.
+Library code: the caller connects Ray (the CLI does); the cluster simulation and the chaos soak start their own.
 """
 from __future__ import annotations
 
@@ -16,16 +17,19 @@ from pathlib import Path
 
 from benchmarks.meter import load_avg
 
-BENCHMARKS = ("streaming", "scaling", "training", "cluster", "scale")
+BENCHMARKS = ("streaming", "scaling", "training", "cluster", "scale", "chaos")
+DEFAULT = BENCHMARKS[:5]   # the chaos soak is long: run when named
 
 
-def run_bench(out: Path, only=BENCHMARKS, tiny: Path | None = None, prompts: int | tuple = 2048, sizes=(500, 2250),
+def run_bench(out: Path, only=DEFAULT, tiny: Path | None = None, prompts: int | tuple = 2048, sizes=(500, 2250),
               train_steps: int = 30, sim: dict | None = None, scale: dict | None = None,
-              loop_imports: bool = True, ray_start_s: float | None = None, repeats: int = 1) -> dict:
+              loop_imports: bool = True, ray_start_s: float | None = None, repeats: int = 1,
+              chaos: dict | None = None) -> dict:
     """Run the selected benchmarks (Ray must be connected for all but `cluster`); writes JSON and markdown.
     `prompts`: streaming's prompt count, or several (the first's results under "streaming", each other's under
     "streaming_<n>"), each run `repeats` times as loop/pipeline pairs in turn.
-    `ray_start_s`: how long the caller's ray.init took (a local Ray), for the streaming ratio with it."""
+    `ray_start_s`: how long the caller's ray.init took (a local Ray), for the streaming ratio with it.
+    `chaos`: bench_chaos's faults and seed; its prompts are the first of `prompts`."""
     out = Path(out)
     work, tiny = out / "work", Path(tiny or out / "tiny")
     work.mkdir(parents=True, exist_ok=True)
@@ -46,6 +50,10 @@ def run_bench(out: Path, only=BENCHMARKS, tiny: Path | None = None, prompts: int
         elif name == "scale":
             from benchmarks.scale import bench_scale
             results[name] = bench_scale(work, tiny, **(scale or {}))
+        elif name == "chaos":
+            from benchmarks.chaos import bench_chaos
+            first = prompts if isinstance(prompts, int) else prompts[0]
+            results[name] = bench_chaos(work, tiny, first, **(chaos or {}))
         elif name == "cluster":
             from benchmarks.sim import bench_cluster
             results[name] = {k: bench_cluster(work / k, **{**(sim or {}), "shape": shp})
@@ -68,7 +76,7 @@ TARGETS = {("streaming", "ratio"): (">=", 1.4), ("streaming", "ratio_2048"): (">
            ("scale", "resume_ratio"): ("<=", 2.0), ("scale", "gen_sim_rss_ratio"): ("<=", 1.1),
            ("scale", "gen_real_rss_ratio"): ("<=", 1.1), ("scaling", "wall_ratio"): ("<=", 4.7),
            ("scaling", "rss_ratio"): ("<=", 1.1), ("training", "ratio"): ("<=", 1.1),
-           ("cluster", "min_busy"): (">=", 0.9)}
+           ("cluster", "min_busy"): (">=", 0.9), ("chaos", "lost"): ("<=", 0), ("chaos", "duplicated"): ("<=", 0)}
 
 
 def met(bench: str, figure: str, value: float) -> bool:
@@ -78,7 +86,8 @@ def met(bench: str, figure: str, value: float) -> bool:
 
 def _target(bench: str, figure: str) -> str:
     op, bound = TARGETS[bench, figure]
-    return f"{'≥' if op == '>=' else '≤'} " + (f"{bound:.0%}" if figure == "min_busy" else f"{bound:g}×")
+    unit = f"{bound:.0%}" if figure == "min_busy" else f"{bound:g}" if bench == "chaos" else f"{bound:g}×"
+    return f"{'≥' if op == '>=' else '≤'} {unit}"
 
 
 def markdown(r: dict) -> str:
@@ -159,7 +168,30 @@ def markdown(r: dict) -> str:
                   abs(s["stream_ratio"] - 1) <= 0.1),
                  ("cluster", f"predicted wall time, {s['predict_prompts']} prompts", f"{s['predicted_hours']} h "
                   f"(from the simulated rate {s['extrapolated_hours']} h; ideal {s['ideal_hours']} h)", "", None)]
+    if "chaos" in r:
+        rows += chaos_rows(r["chaos"])
     lines = ["| benchmark | metric | result | target | met |", "| --- | --- | --- | --- | --- |"]
     lines += [f"| {a} | {b} | {c} | {d} | {'' if e is None else 'yes' if e else 'no'} |" for a, b, c, d, e in rows]
     m = r["machine"]
     return "\n".join(lines) + f"\n\n{m['cores']} cores; load average {m['load_avg_start']} → {m['load_avg_end']}\n"
+
+
+def chaos_rows(s: dict) -> list[tuple]:
+    kinds = ", ".join(f"{n} {k}" for k, n in s["faults_by_kind"].items())
+    return [("chaos", f"{s['prompts']} prompts, seed {s['seed']}: faults injected (planned {s['faults_planned']})",
+             f"{s['faults_injected']} ({kinds})", "", None),
+            ("chaos", "faults survived: the run completed (invocations; unplanned failures resumed)",
+             f"{'yes' if s['survived'] else 'no'} ({s['invocations']}; {s['unplanned_failures']})", "", None),
+            ("chaos", "pairs lost (in the fault-free run, not in the chaos run)",
+             f"{s['lost']} of {s['reference_pairs']}", _target("chaos", "lost"), met("chaos", "lost", s["lost"])),
+            ("chaos", "pairs duplicated (a pair_id twice)", str(s["duplicated"]), _target("chaos", "duplicated"),
+             met("chaos", "duplicated", s["duplicated"])),
+            ("chaos", "pairs differing from the fault-free run's (all columns but stage_nodes): in bytes; beyond "
+             "1e-4 or in a non-float column; extra pairs", f"{s['differing']} (max float difference "
+             f"{s['max_float_diff']:.1e}, columns {s['differing_columns']}); {s['differing_beyond_rounding']}; "
+             f"{s['extra']}", "", None),
+            ("chaos", "rows retried", "not exposed (Ray Data and the manifest count no retried rows); actor "
+             f"starts recorded {s['actor_starts']} vs {s['reference_actor_starts']} fault-free, duplicate rows "
+             f"skipped at finalize {s['duplicates_skipped']}", "", None),
+            ("chaos", "wall time: chaos / fault-free", f"{s['wall_ratio']}× ({s['wall_s']} s vs "
+             f"{s['reference_wall_s']} s)", "", None)]

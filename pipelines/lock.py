@@ -17,6 +17,7 @@ from pipelines.layout import RunLayout
 
 LEASE_S = 120.0        # an object-storage lease lasts this long unless renewed (every third of it)
 POLL_S = 2.0           # how often a waiting run looks again
+PROBE_RETRIES = 4      # quick retries before a folder counts as busy (a status probe may hold it briefly)
 
 
 def _holder() -> dict:
@@ -70,11 +71,16 @@ class RunLock:
         self._created = not self.root.exists()
         self.root.mkdir()
         fd = os.open(self.layout.lock_path.path, os.O_RDWR | os.O_CREAT, 0o644)
+        probes = PROBE_RETRIES   # `is_held` holds a shared lock for microseconds: not a run, try again
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
+                if probes > 0 and not self.wait:
+                    probes -= 1
+                    time.sleep(0.05)
+                    continue
                 if not self.wait:
                     holder = _parse(os.pread(fd, 4096, 0))
                     os.close(fd)
@@ -113,6 +119,31 @@ class RunLock:
                 self._write_lease()
             except OSError:
                 pass   # a missed renewal only shortens the lease
+
+
+def is_held(root) -> bool:
+    """Whether a live run holds the folder: its flock (locally) or an unexpired lease (object storage). A round
+    folder (`<run>/rounds/<n>`) is held by the run holding `<run>`."""
+    layout = RunLayout(root)
+    parts = layout.root.uri.rstrip("/").rsplit("/", 2)
+    if len(parts) == 3 and parts[1] == "rounds" and parts[2].isdigit() and is_held(parts[0]):
+        return True
+    if layout.root.remote:
+        lease = _parse(layout.lease_path.read_bytes()) if layout.lease_path.exists() else {}
+        return lease.get("expires", 0) >= time.time()
+    import fcntl
+    try:
+        fd = os.open(layout.lock_path.path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:   # a shared lock is refused while a run holds its exclusive one; taken, it is released at once
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def _parse(data: bytes) -> dict:

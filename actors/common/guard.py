@@ -74,7 +74,7 @@ def _in_ray_worker() -> bool:
 class FaultConfig:
     """Test-only: make `stage` fail on rows whose prompt_id is listed."""
     stage: str = ""                    # images | selection | sampling | rewards
-    prompt_ids: list[str] = field(default_factory=list)
+    prompt_ids: list[str] = field(default_factory=list)  # the rows that fail
     kind: str = "raise"                # raise (a bad row) | fatal (a CUDA error: ends the actor) | exit (os._exit:
                                        # the actor process dies) | sleep (a slow row)
     marker_dir: str = ""               # where "fired" markers go (default: <output_dir>/.faults)
@@ -122,7 +122,8 @@ def _error_reason(stage: str, exc: BaseException) -> str:
 
 def guarded(stage: str, batch, process, drops=()):
     """Run `process` on the rows without an error; see the module docstring. The stage's metrics count the
-    rows it processed (done or failed here), not the rows that failed upstream and only pass through."""
+    rows it processed (done or failed here), not the rows that failed upstream and only pass through; inside a
+    Chain call they are reported when the whole call returns (`metrics.held`), so a retried batch counts once."""
     import pyarrow as pa
     import pyarrow.compute as pc
     failed = None

@@ -6,14 +6,20 @@ passes through counts for neither), synthalign_candidates (answers, by model),
 synthalign_pairs (by outcome: kept or the drop reason), synthalign_reward (answers by reward bucket:
 Ray histograms take only positive boundaries, rewards are signed) and synthalign_margin (histogram).
 Metrics are best-effort: outside Ray (unit tests, plain loops) they are no-ops, and a metrics failure
-is logged once, never turned into a failed row. A process that dies (a fatal error, a crash) may take its
-last unreported counts along, and its batch, retried, counts again in the stages it had passed: the run's
-exact counts are in the manifest.
+is logged once, never turned into a failed row.
+
+A row counts once per stage: inside `held()` (a Chain call: one actor's stages on one batch) every metric is
+held back and reported only when the block ends without an error. A batch that fails in a later stage and is
+retried by Ray Data (its actor ended by a fatal error or a crash) re-runs the earlier stages: the failed call's
+counts are dropped with it, the retry's are reported. Outside `held()` a metric is reported at once.
 """
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
+from contextvars import ContextVar
 
+_held: ContextVar[list | None] = ContextVar("synthalign_held_metrics", default=None)
 _cache: dict = {}
 _warned: set = set()
 REWARD_BUCKETS = [-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0]
@@ -54,8 +60,33 @@ def _metric(kind: str, name: str, description: str, tag_keys: tuple, boundaries=
     return _cache[name]
 
 
+def _hold(fn, *args, **kwargs) -> bool:
+    """Inside `held()`: keep the call for the block's end and return True."""
+    pending = _held.get()
+    if pending is None:
+        return False
+    pending.append((fn, args, kwargs))
+    return True
+
+
+@contextmanager
+def held():
+    """Report the block's metrics only if it ends without an error (see the module docstring); nested, the
+    inner block's metrics go to the outer one."""
+    token = _held.set([])
+    try:
+        yield
+        pending = _held.get()
+    finally:
+        _held.reset(token)
+    for fn, args, kwargs in pending:
+        fn(*args, **kwargs)
+
+
 @_best_effort
 def count(name: str, value: float, description: str, **tags) -> None:
+    if _hold(count, name, value, description, **tags):
+        return
     m = _metric("counter", name, description, tuple(sorted(tags)))
     if m is not None and value:
         m.inc(value, tags={k: str(v) for k, v in tags.items()})
@@ -63,6 +94,8 @@ def count(name: str, value: float, description: str, **tags) -> None:
 
 @_best_effort
 def observe(name: str, values, description: str, boundaries) -> None:
+    if _hold(observe, name, list(values), description, boundaries):
+        return
     m = _metric("histogram", name, description, (), boundaries)
     if m is not None:
         for v in values:
@@ -73,5 +106,11 @@ def record_stage(stage: str, table) -> None:
     """Called by the guard after every batch with the rows this stage processed (never the rows that failed
     upstream and only pass through): those with an error failed here, the others are done."""
     failed = table.num_rows - table.column("error").null_count if "error" in table.column_names else 0
-    count("synthalign_stage_rows", table.num_rows - failed, "rows a stage finished", stage=stage)
+    _stage_counts(stage, table.num_rows - failed, failed)
+
+
+def _stage_counts(stage: str, done: int, failed: int) -> None:
+    if _hold(_stage_counts, stage, done, failed):   # held as numbers: the batch itself is not kept
+        return
+    count("synthalign_stage_rows", done, "rows a stage finished", stage=stage)
     count("synthalign_stage_failed_rows", failed, "rows quarantined to errors/", stage=stage)

@@ -96,13 +96,13 @@ def cmd_train(args) -> int:
     from pipelines.config import load_config
     from pipelines.folder import RunFolder
     from pipelines.run.job import train_run
-    from pipelines.train.data import parquet_files
+    from pipelines.train.data import check_pairs
     from pipelines.train.job import check_recipe
     cfg = _one_round(load_config(args.config, args.overrides), "train")
     check_recipe(cfg.train)                                               # bad input fails before Ray starts
     with RunLock(cfg.output_dir, wait=args.wait_for_lock):
         folder = RunFolder(cfg)
-        parquet_files(args.data or cfg.train.data or str(folder.pairs))   # every file's footer and columns
+        check_pairs(args.data or cfg.train.data or str(folder.pairs))   # footers, columns, sampled rows
         folder.prepare(overwrite=args.overwrite, data=False, train=True)
         _ray(args)
         summary = train_run(cfg, args.data)

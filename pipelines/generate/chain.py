@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 
 from actors.common.guard import FAULTS_ENV
+from actors.common.metrics import held
 from actors.contract import PROMPT_COLUMNS, STAGES, check_chain
 from cluster.resources import PoolConfig, map_batches_kwargs, map_on_pool
 from cluster.storage import Location
@@ -41,7 +42,7 @@ def steps(cfg, vocab, stages=STAGES, swap: dict | None = None) -> list[Step]:
             kwargs = {"cfg": sub, **({"vocab": vocab} if st.needs_vocab else {})}
             parts = [(cls, kwargs, True)]
             if st.then:
-                parts.append((st.then, {"cfg": getattr(cfg, st.then_config)} if st.then_config else {}, False))
+                parts.append((st.then, st.then_kwargs(cfg), False))
             pool = cfg.pool(st.pool, sub if isinstance(section, list) else None)
             out.append(Step(cls.__name__, pool, parts))
     return out
@@ -69,8 +70,10 @@ class Chain:
             record_startup(Location(startup_dir), type(self).__name__, t0, loads)
 
     def __call__(self, batch):
-        for part in self.parts:
-            batch = part(batch)
+        # A batch retried after a later part failed re-runs the earlier ones: metrics count the call that returned.
+        with held():
+            for part in self.parts:
+                batch = part(batch)
         return batch
 
 

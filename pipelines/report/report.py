@@ -12,6 +12,7 @@ from collections import Counter
 
 from actors.common.errors import InputError
 from cluster.storage import Location, read_schema, read_table
+from pipelines.folder import RunFolder
 from pipelines.layout import RunLayout
 from pipelines.train.job import read_metrics
 
@@ -154,14 +155,15 @@ def write_report(run_dir) -> tuple[Location, Location]:
     if not run.manifest_path.exists():
         raise InputError("not a run folder (no manifest.json)", file=str(run.root))
     manifest = json.loads(run.manifest_path.read_text())
+    status = RunFolder.at(run.root).status()   # a killed run's `running` reads `interrupted`
     plots_dir = run.report_dir.mkdir()
     if "rounds" in manifest:
         md, plots = _rounds_section(run, manifest, plots_dir)
         md = [f"# SynthAlign run report: `{run.root}`", "", f"{len(manifest['rounds'])} rounds, status "
-              f"**{manifest.get('status', '?')}**.", ""] + md
+              f"**{status}**.", ""] + md
         return _write(run, md, plots)
     md = [f"# SynthAlign run report: `{run.root}`", "", f"Data hash `{manifest.get('data_hash')}`, "
-          f"status **{manifest.get('status', '?')}**.", "", "## Data", ""]
+          f"status **{status}**.", "", "## Data", ""]
     counts = manifest.get("counts", {})
     md += ["| count | value |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in counts.items()] + [""]
     plots = []

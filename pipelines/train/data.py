@@ -21,10 +21,11 @@ def trl_messages(question: str, chosen: str, rejected: str) -> dict:
 
 
 def row_problem(row: dict) -> str | None:
-    """Why a pairs row cannot be trained on, or None. Opens the image header only (no full decode)."""
+    """Why a pairs row cannot be trained on, or None. The image is decoded whole: a header that opens may still
+    hide truncated or corrupt data, which would fail a training step instead of being skipped here."""
     import io
 
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
     for name in ("question", "chosen", "rejected"):
         v = row.get(name)
         if not isinstance(v, str) or not v.strip():
@@ -35,8 +36,9 @@ def row_problem(row: dict) -> str | None:
     if not isinstance(data, (bytes, bytearray)) or not data:
         return "no image"
     try:
-        Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, OSError):
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+    except Exception:   # PIL raises OSError, SyntaxError, ValueError, EOFError... by format and damage
         return "undecodable image"
     return None
 
@@ -100,6 +102,58 @@ def open_parquet(f: str):
     loc = Location(f)
     with loc.fs.open_input_file(loc.path) as source:
         yield pq.ParquetFile(source)
+
+
+PROBLEM_FIELDS = {"empty question": "question", "empty chosen": "chosen", "empty rejected": "rejected",
+                  "chosen == rejected": "rejected", "no image": "image", "undecodable image": "image"}
+ALL_ROWS, SAMPLE_ROWS = 512, 256   # up to ALL_ROWS rows are all checked before Ray starts, else a sample
+
+
+def check_pairs(data_path: str, seed: int = 0) -> list[str]:
+    """`parquet_files`, then rows checked as the workers will check them (`row_problem`) before Ray starts: all of
+    them up to ALL_ROWS, else a seeded sample of SAMPLE_ROWS. When none is usable (garbage images, say), InputError
+    naming the first one's file, row (0-based) and field; some bad rows pass: the workers skip and count them."""
+    import bisect
+    import random
+
+    files = parquet_files(data_path)
+    sizes = []
+    for f in files:
+        with open_parquet(f) as pf:
+            sizes.append([pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)])
+    total = sum(map(sum, sizes))
+    if not total:
+        raise InputError("the pairs files hold no rows", file=str(data_path))
+    picks = range(total) if total <= ALL_ROWS else sorted(random.Random(seed).sample(range(total), SAMPLE_ROWS))
+    groups, at = [], 0   # (file, row group, its first row, its file's first row), rows counted over all files
+    for i, counts in enumerate(sizes):
+        file_at = at
+        for g, n in enumerate(counts):
+            groups.append((i, g, at, file_at))
+            at += n
+    starts = [first for _, _, first, _ in groups]
+    by_group: dict[tuple[int, int], list[tuple[int, int]]] = {}   # -> [(row in the group, row in the file)]
+    for pick in picks:
+        i, g, first, file_first = groups[bisect.bisect_right(starts, pick) - 1]
+        by_group.setdefault((i, g), []).append((pick - first, pick - file_first))
+    reasons: dict[str, int] = {}
+    first_bad = None
+    for (i, g), rows in by_group.items():
+        try:
+            with open_parquet(files[i]) as pf:
+                table = pf.read_row_group(g, columns=list(TRAIN_COLUMNS)).take([r for r, _ in rows])
+        except (OSError, ValueError) as e:   # data pages a valid footer points at may still be broken
+            raise InputError(f"cannot read as Parquet: {e}", file=files[i]) from None
+        for row, (_, in_file) in zip(table.to_pylist(), rows):
+            problem = row_problem(row)
+            if problem is None:
+                return files
+            reasons[problem] = reasons.get(problem, 0) + 1
+            first_bad = first_bad or (files[i], in_file, row, problem)
+    f, r, row, problem = first_bad
+    what = ", ".join(f"{n} {p}" for p, n in sorted(reasons.items()))
+    raise InputError(f"{problem} (pair_id {row.get('pair_id')!r}); none of the {len(picks)} rows checked of "
+                     f"{total} can be trained on ({what})", file=f, row=r, field=PROBLEM_FIELDS[problem])
 
 
 def trl_features(extra: dict | None = None):

@@ -29,7 +29,7 @@ from pipelines.train.config import (
     check_with_libraries,
     load_deepspeed_config,
 )
-from pipelines.train.data import parquet_files
+from pipelines.train.data import check_pairs
 
 
 def check_recipe(cfg: TrainConfig) -> TrainConfig:
@@ -74,7 +74,7 @@ def run_train(cfg: TrainConfig, data_path: str | None, output_dir: str, resume: 
     if not is_uri(output_dir):
         output_dir = str(Path(output_dir).resolve())
     paths = RunLayout(output_dir).train_paths()
-    files = parquet_files(data_path or cfg.data or str(RunLayout(output_dir).pairs))
+    files = check_pairs(data_path or cfg.data or str(RunLayout(output_dir).pairs))   # before any worker
     if not ray.is_initialized():
         raise RuntimeError("run_train needs a Ray connection: call ray.init() first (the CLI does)")
     check_everywhere(RunLayout(output_dir).root)   # a local output_dir on several nodes: every node must see it
