@@ -8,6 +8,7 @@ from actors.common.guard import guarded
 from actors.common.runtime import (
     add_node_tag,
     device_for,
+    open_png,
     png_bytes,
     setup_torch,
     torch_dtype,
@@ -20,30 +21,32 @@ from actors.prompts import candidate_seed
 class ImagesConfig:
     backend: str = "diffusers"         # diffusers | shapes (actors/shapes.py draws the prompt; no model)
     model: str = ""                    # diffusers pipeline: hub id or local folder
+    # Classifier-free guidance scales: per_scale candidates at each (the paper: 5, 7, 9, 11).
     guidance_scales: list[float] = field(default_factory=lambda: [5.0, 7.0, 9.0, 11.0])
     per_scale: int = 1                 # candidates per guidance scale
     # Images per diffusers call, all at one guidance scale. Every call renders exactly this many (a short one
     # is padded with copies of its last image), so an image is computed the same way whichever rows arrive
     # together (Ray's batching, a resume); see _process. Size it to the accelerator's memory.
     batch_size: int = 4
-    steps: int = 28
-    height: int = 1024
-    width: int = 1024
+    steps: int = 28                    # denoising steps per image
+    height: int = 1024                 # render size, px
+    width: int = 1024                  # render size, px
     dtype: str = "float32"             # float16 / bfloat16 on GPU
-    device: str = "auto"
-    seed: int = 0
-    negative_prompt: str | None = None
-    # Side (px) of the image the run stores and every later stage sees: the policy processor's input (336 for
-    # LLaVA-1.5); the shorter side is scaled to it, never up. null: keep the render size.
+    device: str = "auto"               # auto: the actor's GPU if it has one, else CPU
+    seed: int = 0                      # with prompt_id and candidate: each image's generator seed
+    negative_prompt: str | None = None  # the same negative prompt for every image
+    # Side (px) of the stored image: the policy processor's input (336 for LLaVA-1.5); the shorter side is scaled
+    # to it, never up, as the row leaves the chain (actors/pairs.py). Every stage sees the full render. null: keep it.
     store_size: int | None = None
-    keep_render: bool = False          # also keep the chosen full render (scored/ column `image_render`)
-    # Memory, for SD3 on 24 GB cards (docs/configs.md). drop_t5 loads SD3 without its T5-XXL encoder (~9.5 GB in
-    # fp16; other images), vae_tiling decodes in overlapping tiles (other pixels), vae_slicing one image at a time,
-    # cpu_offload keeps each model on the CPU until it runs (CUDA only; same images, some transfer time).
-    drop_t5: bool = False
-    vae_tiling: bool = False
-    vae_slicing: bool = False
-    cpu_offload: bool = False
+    keep_render: bool = False          # also store the chosen full render (scored/ column `image_render`)
+    # Memory options for SD3 on 24 GB cards (docs/configs.md), all off by default.
+    drop_t5: bool = False              # load SD3 without its T5-XXL encoder: ~9.5 GB less in fp16, other images
+    vae_tiling: bool = False           # decode in overlapping tiles: less memory, other pixels
+    vae_slicing: bool = False          # decode one image at a time
+    cpu_offload: bool = False          # each model on the GPU only while it runs (CUDA only; the same images)
+    # Shapes backend only: the chance that each object is drawn as the prompt says; the others are left out,
+    # recoloured or joined by a stray object (actors/common/shapes.misdrawn), as diffusion models fail.
+    fidelity: float = 1.0
 
     def validate(self) -> list[Problem]:
         errs = []
@@ -57,6 +60,11 @@ class ImagesConfig:
             errs.append(Problem("images", "per_scale, steps and batch_size must be >= 1, height and width >= 8"))
         if self.store_size is not None and (isinstance(self.store_size, bool) or self.store_size < 8):
             errs.append(Problem("images.store_size", "must be an integer >= 8 or null (keep the render size)"))
+        if isinstance(self.fidelity, bool) or not 0.0 <= self.fidelity <= 1.0:
+            errs.append(Problem("images.fidelity", "must be a number from 0 to 1"))
+        elif self.fidelity != 1.0 and self.backend != "shapes":
+            errs.append(Problem("images.fidelity", "applies to the shapes backend only (a diffusion model fails "
+                                                   "on its own)"))
         for key in MEMORY_OPTIONS:
             if getattr(self, key) and self.backend != "diffusers":
                 errs.append(Problem(f"images.{key}", "applies to the diffusers backend only"))
@@ -76,9 +84,20 @@ def omit_default_memory_options(data: dict) -> None:
     """The data hash leaves the memory options out at their defaults (off), so a config that does not use them
     hashes as it did before they existed; CPU offload always (it moves weights between devices, the same sums run)."""
     images = data.get("images", {})
+    if images.get("fidelity") == 1.0:   # likewise the shapes renderer's fidelity at its default
+        images.pop("fidelity")
     for key in MEMORY_OPTIONS:
         if images.get(key) is False or key == "cpu_offload":
             images.pop(key, None)
+
+
+def mark_full_render(data: dict) -> None:
+    """Hash-only: with store_size set, selection, the samplers and the rewards see the full render, not the stored
+    size as they once did, so their answers differ; the marker gives such a config another data hash and names
+    itself in a stale folder's error. With store_size null nothing changed, nor does the hash."""
+    images = data.get("images", {})
+    if images.get("store_size") is not None:
+        images["stages_see"] = "full render"
 
 
 def load_pipeline(cfg: ImagesConfig, device: str):
@@ -131,6 +150,20 @@ def stored(image, store_size: int | None):
                         Image.Resampling.BICUBIC)
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def stored_png(data: bytes | None, store_size: int | None) -> bytes | None:
+    """PNG bytes as stored (`stored`); bytes already small enough are kept as they are, read from the PNG header
+    without decoding. Bytes that are no PNG (the cluster simulation's stand-in images) pass unchanged."""
+    if data is None or store_size is None or not data.startswith(PNG_SIGNATURE):
+        return data
+    import struct
+    if min(struct.unpack(">II", data[16:24])) <= store_size:   # IHDR: width, height
+        return data
+    return png_bytes(stored(open_png(data), store_size))
+
+
 class LastPromptEncoding:
     """A diffusers pipeline's `encode_prompt` that reuses its last result when called again with the same
     arguments. The K candidates of a prompt are K calls with the same prompts at other guidance scales or seeds,
@@ -169,7 +202,7 @@ def _key(value):
 
 class ImageSynthesis:
     REQUIRES = ("prompt_id", "image_prompt")
-    # candidate_renders (the full renders) too when keep_render; selection keeps the chosen one.
+    # Full renders: images.store_size applies where the row leaves the chain (actors/pairs.py).
     ADDS = ("candidate_images", "candidate_seeds", "candidate_guidance", "stage_nodes")
 
     def __init__(self, cfg: ImagesConfig, threads: int = 1):
@@ -192,7 +225,8 @@ class ImageSynthesis:
         """One diffusers call: image i from prompts[i] with its own generator seeded seeds[i]."""
         if self.cfg.backend == "shapes":
             from actors.common.shapes import render
-            return [render(p, s, self.cfg.width, self.cfg.height) for p, s in zip(prompts, seeds)]
+            return [render(p, s, self.cfg.width, self.cfg.height, fidelity=self.cfg.fidelity)
+                    for p, s in zip(prompts, seeds)]
         gens = [self.torch.Generator(device="cpu").manual_seed(s) for s in seeds]
         kwargs = dict(prompt=list(prompts), guidance_scale=guidance, num_inference_steps=self.cfg.steps,
                       height=self.cfg.height, width=self.cfg.width, generator=gens)
@@ -217,7 +251,6 @@ class ImageSynthesis:
         prompts = batch.column("image_prompt").to_pylist()
         n, b = cfg.num_candidates, (1 if cfg.backend == "shapes" else cfg.batch_size)
         images = [[b""] * n for _ in pids]
-        renders = [[b""] * n for _ in pids] if cfg.keep_render else None
         seeds = [[candidate_seed(pid, k, cfg.seed) for k in range(n)] for pid in pids]
         # Calls of b (row, j) slots, j the candidate within a guidance scale; every scale renders the same slots
         # in turn, so consecutive calls share their prompts and the text encoders run once per slot group.
@@ -229,15 +262,11 @@ class ImageSynthesis:
                 call = [(r, gi * cfg.per_scale + j) for r, j in group]
                 out = self.render_batch([prompts[r] for r, _ in call], [seeds[r][k] for r, k in call], g)
                 for (r, k), img in zip(call, out):
-                    images[r][k] = png_bytes(stored(img, cfg.store_size))
-                    if renders is not None:
-                        renders[r][k] = png_bytes(img)
+                    images[r][k] = png_bytes(img)
         scales = [[float(cfg.guidance_scales[k // cfg.per_scale]) for k in range(n)] for _ in pids]
         import pyarrow as pa
         batch = add_node_tag(batch, "images")
         cols = {"candidate_images": pa.array(images, pa.list_(pa.binary())),
                 "candidate_seeds": pa.array(seeds, pa.list_(pa.int64())),
                 "candidate_guidance": pa.array(scales, pa.list_(pa.float64()))}
-        if renders is not None:
-            cols["candidate_renders"] = pa.array(renders, pa.list_(pa.binary()))
         return with_columns(batch, cols)

@@ -9,6 +9,7 @@ from actors.common.guard import guarded
 from actors.common.metrics import MARGIN_BOUNDARIES, count, observe
 from actors.common.objects import is_existence_question
 from actors.common.runtime import with_columns
+from actors.images import ImagesConfig, stored_png
 
 DROP_REASONS = ("too_few_answers", "identical", "below_margin", "non_finite_reward", "coverage_only")
 
@@ -46,16 +47,36 @@ def coverage_only(question: str, hallucinated: list[list[str]], best: int, worst
 
 
 class PairBuilder:
-    REQUIRES = ("pair_key", "answers", "answer_models", "reward", "question", "hallucinated")
+    """The chain's last step. Besides the pairs, it readies `image` for storage: every stage before saw the full
+    render; with images.store_size it leaves scaled to that size, and with images.keep_render the full render
+    leaves beside it as `image_render` (not in ADDS: only with keep_render)."""
+    REQUIRES = ("pair_key", "answers", "answer_models", "reward", "question", "hallucinated", "image")
     # chosen_index / rejected_index: positions in `answers`, so a copy of the chosen text is not chosen too.
     ADDS = ("pair_id", "chosen", "rejected", "chosen_reward", "rejected_reward", "margin",
             "chosen_model", "rejected_model", "chosen_index", "rejected_index", "drop_reason")
 
-    def __init__(self, cfg: PairsConfig):
+    def __init__(self, cfg: PairsConfig, images: ImagesConfig | None = None):
         self.cfg = cfg
+        self.store_size = images.store_size if images else None
+        self.keep_render = bool(images and images.keep_render)
 
     def __call__(self, batch):
-        return guarded("pairs", batch, self._process)
+        # Outside the guard: rows that failed upstream are stored too (errors/), at the same size.
+        return self._store(guarded("pairs", batch, self._process))
+
+    def _store(self, batch):
+        if "image" not in batch.column_names or (self.store_size is None and not self.keep_render):
+            return batch
+        import pyarrow as pa
+        renders = batch.column("image").to_pylist()
+        small = {}   # the questions of one image share its bytes: scale each image once
+        for b in renders:
+            if b is not None and b not in small:
+                small[b] = stored_png(b, self.store_size)
+        out = {"image": pa.array([small.get(b) for b in renders], pa.binary())}
+        if self.keep_render:
+            out["image_render"] = pa.array(renders, pa.binary())
+        return with_columns(batch, out)
 
     def _process(self, batch):
         out = {k: [] for k in self.ADDS}

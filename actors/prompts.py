@@ -1,4 +1,5 @@
-"""Prompt source: a seeded, controllable generator or the user's files.
+"""Prompt source: a seeded, controllable generator, the user's files, or a language model's writing (`llm`:
+actors/prompt_writer.py; the run writes those rows once and reads them as a file).
 
 A row: `prompt_id`, `image_prompt` (text-to-image), `instructions` (questions about the image) and
 `gt_objects` (the COCO classes the prompt puts in the image, which the hallucination reward and
@@ -11,13 +12,14 @@ from __future__ import annotations
 import json
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from actors.common.errors import InputError, Problem
 from actors.common.files import iter_user_lines
 from actors.common.objects import EXISTENCE_QUESTION
 from actors.common.seeds import stable_seed
+from actors.prompt_writer import WriterConfig
 
 COCO_CLASSES = (
     "person bicycle car motorcycle airplane bus train truck boat traffic_light fire_hydrant stop_sign "
@@ -53,22 +55,27 @@ def default_classes() -> list[Problem]:
 
 @dataclass
 class PromptsConfig:
-    source: str = "generate"          # generate | file | shapes (actors/shapes.py: exact gt_objects)
-    num_prompts: int = 16
-    seed: int = 0
-    instructions_per_prompt: int = 1
-    max_objects: int = 3
+    # generate | file | shapes (actors/shapes.py: exact gt_objects) | llm (a language model writes them from
+    # seed topics: prompts.writer; written once to <output_dir>/prompts/, near-duplicates dropped)
+    source: str = "generate"
+    num_prompts: int = 16             # prompts to draw (generate, shapes), to read at most (file) or to ask for (llm)
+    seed: int = 0                     # the prompt generator's seed
+    instructions_per_prompt: int = 1  # questions asked of each image: one pair candidate each
+    max_objects: int = 3              # most object classes a generated prompt names
     file: str | None = None            # .txt (one prompt a line) or .jsonl
     instructions_file: str | None = None  # .txt, line i goes with prompt i (paper format)
     # Which round of an iterative run draws these prompts: round r >= 2 draws from a namespace of its own, so its
     # prompt ids differ from every other round's and from the held-out eval set's. Set by the run, not by hand.
     round: int = 1
+    writer: WriterConfig = field(default_factory=WriterConfig)  # source llm: the model that writes the prompts
 
     def validate(self) -> list[Problem]:
         errs = []
-        if self.source not in ("generate", "file", "shapes"):
-            errs.append(Problem("prompts.source", "must be 'generate', 'file' or 'shapes'"))
-        if self.source in ("generate", "shapes") and self.num_prompts <= 0:
+        if self.source not in ("generate", "file", "shapes", "llm"):
+            errs.append(Problem("prompts.source", "must be 'generate', 'file', 'shapes' or 'llm'"))
+        if self.source == "llm":
+            errs += self.writer.validate()
+        if self.source in ("generate", "shapes", "llm") and self.num_prompts <= 0:
             errs.append(Problem("prompts.num_prompts", "must be > 0"))
         if self.instructions_per_prompt <= 0:
             errs.append(Problem("prompts.instructions_per_prompt", "must be > 0"))
@@ -115,6 +122,16 @@ def generate_prompt(seed: int, index: int, max_objects: int, n_instructions: int
     instructions = [t.format(obj=rng.choice(objects)) for t in picks]
     return {"prompt_id": f"g{seed}{ns}-{index:07d}", "image_prompt": image_prompt,
             "instructions": instructions, "gt_objects": sorted(set(objects))}
+
+
+def topic_of(seed: int, namespace: str, index: int, max_objects: int, topics: list[str] | None) -> str:
+    """Topic `index`: a user topic, or 1..max_objects COCO classes in one of the scenes; one RNG per index."""
+    rng = random.Random(f"{seed}:{namespace}:llm:{index}")
+    if topics:
+        return rng.choice(topics)
+    classes = default_classes()
+    objects = rng.sample(classes, rng.randint(1, min(max_objects, len(classes))))
+    return f"{', '.join(objects)} {rng.choice(SCENES)}"
 
 
 def _rows_of(path: Path, start: int = 0, first_line: int = 1):
@@ -172,6 +189,9 @@ def _is_jsonl(path: Path) -> bool:
 
 def _generated(cfg: PromptsConfig):
     """Row `i` of a generated source: the same row whatever else is generated (one RNG per index)."""
+    if cfg.source == "llm":   # its rows exist once the run has written them (pipelines/generate/prompt_writing.py)
+        raise InputError("rows are written by the run's prompt writer; read them as a file source",
+                         field="prompts.source")
     if cfg.source == "generate":
         classes = default_classes()
         return lambda i: generate_prompt(cfg.seed, i, cfg.max_objects, cfg.instructions_per_prompt, classes,

@@ -19,7 +19,8 @@ from cluster.storage import Location
 from pipelines.config import RunConfig
 from pipelines.layout import RunLayout
 
-DATA_PARTS = ("scored", "pairs", "candidates", "errors", ".views", ".faults", ".startup", ".reserve", "manifest.json")
+DATA_PARTS = ("scored", "pairs", "candidates", "errors", ".views", ".faults", ".startup", ".reserve", "manifest.json",
+              "tb", "prompts")
 TRAIN_PARTS = ("train",)
 EVAL_PARTS = ("eval", "report", "report.md", "report.html")
 
@@ -73,6 +74,18 @@ class RunFolder(RunLayout):
         except (ValueError, UnicodeDecodeError):
             raise InputError("manifest.json is not valid JSON; move the folder away or pass --overwrite",
                              file=str(self.root)) from None
+
+    def status(self) -> str | None:
+        """The manifest's status as a user should read it (None: no manifest). A run killed outright (kill -9, a
+        lost node) never writes its end: a `running...` status of a folder no live run holds reads `interrupted`."""
+        from pipelines.lock import is_held
+        m = self.manifest()
+        if m is None:
+            return None
+        status = str(m.get("status", "unknown"))
+        if status.startswith("running") and not is_held(self.root):
+            return status.replace("running", "interrupted", 1)   # a rounds run's "running round 2" keeps its round
+        return status
 
     def stale_data(self) -> list[str] | None:
         """Changed generation keys (None: no data yet or the same config)."""

@@ -12,6 +12,7 @@ class RunLayout:
 
     scored = property(lambda self: self.root / "scored")        # the stream's durable log (shards)
     pairs = property(lambda self: self.root / "pairs")
+    prompts = property(lambda self: self.root / "prompts")      # prompts.source llm: the written prompts
     candidates = property(lambda self: self.root / "candidates")
     errors = property(lambda self: self.root / "errors")
     views_state = property(lambda self: self.root / ".views")   # which shards the views hold
@@ -20,6 +21,7 @@ class RunLayout:
     manifest_path = property(lambda self: self.root / "manifest.json")
     lock_path = property(lambda self: self.root / ".lock")           # flock of the run using a local folder
     lease_path = property(lambda self: self.root / ".lock.json")     # its lease on object storage
+    generate_tb = property(lambda self: self.root / "tb" / "generate")   # generate's counts and histograms
     train = property(lambda self: self.root / "train")
     recipe_path = property(lambda self: self.root / "train" / "recipe.json")
     eval = property(lambda self: self.root / "eval")

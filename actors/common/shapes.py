@@ -206,12 +206,45 @@ def _shape(draw, shape: str, cx: float, cy: float, r: float, fill) -> None:
         draw.polygon([(cx, cy - r * 1.1), (cx - r * 1.1, cy + r * 0.9), (cx + r * 1.1, cy + r * 0.9)], fill=fill)
 
 
-def render(text: str, seed: int, width: int = 64, height: int = 64, with_layout: bool = False):
+FAILURES = ("drop", "recolour", "stray")
+
+
+def misdrawn(objects: list[tuple[str, int, int | None]], seed: int, fidelity: float):
+    """What a render at `fidelity` draws instead of the prompt's objects, as diffusion models fail: each object
+    class fails with probability 1 - fidelity, seeded by the render seed, in one of three ways: left out,
+    drawn in another colour (a class the prompt does not name), or drawn with a stray object of a class the
+    prompt does not name. Returns (objects to draw, stray classes)."""
+    if fidelity >= 1.0:
+        return objects, []
+    rng = random.Random(f"fidelity:{seed}")   # apart from the drawing rng: fidelity 1.0 draws what it always did
+    named = {cls for cls, _, _ in objects}
+    drawn, strays = [], []
+    for cls, n, cell in objects:
+        if rng.random() >= fidelity:
+            failure = rng.choice(FAILURES)
+            colour, shape = cls.split()
+            if failure == "drop":
+                continue
+            if failure == "recolour":
+                others = [c for c in COLOURS if f"{c} {shape}" not in named | {d for d, _, _ in drawn}]
+                if others:
+                    cls = f"{rng.choice(others)} {shape}"
+            else:
+                spare = [c for c in CLASSES if c not in named and c not in strays]
+                strays.append(rng.choice(spare))
+        drawn.append((cls, n, cell))
+    return drawn, strays
+
+
+def render(text: str, seed: int, width: int = 64, height: int = 64, with_layout: bool = False,
+           fidelity: float = 1.0):
     """Draw a prompt: stated objects in their cells, the others in free cells; seed moves and resizes each
     shape a little and sets the texture, so candidates of one prompt differ and a rerun is byte-identical.
-    with_layout: also return the class in each of the 9 cells (None where empty)."""
+    fidelity < 1: some objects are drawn wrong (`misdrawn`), so the image no longer shows what the prompt says.
+    with_layout: also return the class in each of the 9 cells (None where empty): the truth of what was drawn."""
     from PIL import Image, ImageDraw
     objects, bg = parse_prompt(text)
+    objects, strays = misdrawn(objects, seed, fidelity)
     rng = random.Random(seed)
     img = Image.new("RGB", (width, height), BACKGROUNDS[bg])
     _background(img, bg, rng)
@@ -229,7 +262,18 @@ def render(text: str, seed: int, width: int = 64, height: int = 64, with_layout:
             cy = (cell_i // 3 + 0.5) * ch + rng.uniform(-1, 1)
             _shape(draw, shape, cx, cy, r, COLOURS[colour])
             layout[cell_i] = cls
+    for cls in strays[:len(free)]:   # a stray goes where nothing was drawn; none when the grid is full
+        colour, shape = cls.split()
+        cell_i = free.pop()
+        r = min(cw, ch) * rng.uniform(0.28, 0.34)
+        _shape(draw, shape, (cell_i % 3 + 0.5) * cw, (cell_i // 3 + 0.5) * ch, r, COLOURS[colour])
+        layout[cell_i] = cls
     return (img, layout) if with_layout else img
+
+
+def drawn_objects(layout: list[str | None]) -> list[str]:
+    """The object classes a render really shows (from its layout), sorted like `gt_objects`."""
+    return sorted({c for c in layout if c})
 
 
 def render_seed(prompt_id: str, k: int) -> int:

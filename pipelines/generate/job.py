@@ -30,6 +30,7 @@ from pipelines.generate.outputs import (
     written_pairs,
 )
 from pipelines.generate.source import PromptSource
+from pipelines.generate.tracking import report_generate
 
 
 def package_versions() -> dict:
@@ -81,6 +82,8 @@ def check_models(cfg: RunConfig) -> None:
     models = [("images.model", cfg.images.model), ("selection.model", cfg.selection.model),
               ("rewards.text_model", cfg.rewards.text_model), ("rewards.clip_model", cfg.rewards.clip_model)]
     models += [(f"samplers[{i}].model", s.model) for i, s in enumerate(cfg.samplers)]
+    if cfg.prompts.source == "llm" and cfg.prompts.writer.backend == "transformers":
+        models.append(("prompts.writer.model", cfg.prompts.writer.model))
     for key, path in models:
         if path and looks_local(path) and not Path(path).expanduser().exists():
             raise InputError(f"model folder not found: {path}", field=key)
@@ -98,7 +101,7 @@ def prepare(cfg: RunConfig, overwrite: bool = False, train: bool = False):
         from pipelines.train.job import check_recipe
         check_recipe(cfg.train)
     vocab = load_vocab(cfg.rewards, cfg.prompts.source)
-    prompts = PromptSource.checked(cfg.prompts, mentions=vocab.mentions)
+    prompts = PromptSource.checked(cfg.prompts, mentions=vocab.mentions, output_dir=cfg.output_dir)
     return prompts, vocab, RunFolder(cfg).prepare(overwrite, train=train)  # last: only then is anything removed
 
 
@@ -160,6 +163,7 @@ def run_generate(cfg: RunConfig, overwrite: bool = False, prepared=None, clock: 
         if reserve:
             reserve.write_bytes(os.urandom(RESERVE_BYTES))   # random: a compressing file system keeps it too
         clean_partial(scored)
+        prompts, writer_counts = prompts.written(cfg, folder, vocab)   # source llm: phase 1, once per folder
         plan = prompts.plan(question_counts(scored), lambda todo: rows_per_block(cfg, todo))
         startup.rmtree()   # this invocation's actors only
         t_prep = time.time()
@@ -170,6 +174,8 @@ def run_generate(cfg: RunConfig, overwrite: bool = False, prepared=None, clock: 
         counts = finalize(folder.root, cfg.min_rows_per_file)
         counts["images_rendered"] = plan.todo * cfg.images.num_candidates
         counts["prompts_resumed"] = plan.done
+        if writer_counts:
+            counts["prompt_writer"] = writer_counts
         error_fraction = counts["errors"] / max(1, counts["questions"])
         status = "failed" if error_fraction > cfg.max_error_fraction else "complete"
         before = {k: v for k, v in (clock or {}).items() if k in ("launch", "ray_start")}
@@ -194,6 +200,7 @@ def run_generate(cfg: RunConfig, overwrite: bool = False, prepared=None, clock: 
         if full:
             raise DiskFull(reason) from e
         raise
+    report_generate(folder, cfg.train.report_to, manifest)   # best-effort: logs a failure, never raises
     if status == "failed":
         raise JobError(f"{counts['errors']} of {counts['questions']} image-questions failed "
                        f"({error_fraction:.1%} > max_error_fraction {cfg.max_error_fraction:.1%}); "

@@ -24,11 +24,25 @@ class PromptSource:
     cfg: PromptsConfig
     count: int
     mentions: Callable | None = None
+    topics: list[str] | None = None   # source llm: the user's seed topics (None: the default ones)
 
     @classmethod
-    def checked(cls, cfg: PromptsConfig, mentions=None) -> PromptSource:
-        """Bad input raises InputError here, before anything runs (one streamed pass over a file)."""
+    def checked(cls, cfg: PromptsConfig, mentions=None, output_dir=None) -> PromptSource:
+        """Bad input raises InputError here, before anything runs (one streamed pass over a file). An llm source
+        is checked (writer, topics) but counted only once written (`written`), on Ray."""
+        if cfg.source == "llm":
+            from pipelines.generate.prompt_writing import check_writer
+            return cls(cfg, 0, mentions, check_writer(cfg, output_dir))
         return cls(cfg, check_prompts(cfg), mentions)
+
+    def written(self, run_cfg, folder, vocab) -> tuple[PromptSource, dict | None]:
+        """An llm source's prompts, written into the run folder unless already there, read as a file source;
+        with the writer's counts (`writer_ran`: whether it ran now). Other sources come back as they are."""
+        if self.cfg.source != "llm":
+            return self, None
+        from pipelines.generate.prompt_writing import ensure_prompts
+        file_cfg, counts, ran = ensure_prompts(run_cfg, folder, vocab, self.topics)
+        return PromptSource.checked(file_cfg, self.mentions), {**counts, "writer_ran": ran}
 
     def plan(self, done_questions: dict[str, int], rows_per_block: Callable[[int], int]) -> Plan:
         """Blocks of the prompts not done yet. `done_questions`: good image-questions per prompt already written

@@ -83,5 +83,33 @@ def test_a_folder_from_before_an_option_existed_resumes_while_the_option_is_off(
     (run / "manifest.json").write_text(json.dumps(manifest))
     RunFolder(cfg(tmp_path)).prepare()
     assert (run / "scored" / "x").exists()
-    with pytest.raises(InputError, match=r"changed: images.keep_render, images.store_size\)"):
+    with pytest.raises(InputError, match=r"changed: images.keep_render, images.stages_see, images.store_size\)"):
         RunFolder(cfg(tmp_path, "images.store_size=32", "images.keep_render=true")).prepare()
+
+
+# Data hashes computed by the code in which images.store_size also shrank what selection, samplers and rewards saw
+BEFORE = {("tiny.yaml",): "eeb248d6c0d4799e", ("tiny.yaml", "images.keep_render=true"): "e8008c24ea2e5d40",
+          ("shapes.yaml",): "854ae7f53fe9148a", ("tiny.yaml", "images.store_size=32"): "6fd6a29d70bfd6ac"}
+
+
+def test_store_size_null_hashes_as_before_and_set_it_makes_other_data(tmp_path):
+    """Every stage now sees the full render: with store_size null nothing changed, so the hash is the old one and
+    an old folder resumes; with store_size set the answers differ, so the hash differs and an old folder (its
+    manifest without the hash-only marker) is named stale instead of resumed with mixed answers."""
+    import json
+    for (name, *sets), old in BEFORE.items():
+        new = load_config(ROOT / "configs" / name, ["output_dir=x", *sets]).hash()
+        assert (new == old) == ("images.store_size=32" not in sets), (name, sets)
+    sized = cfg(tmp_path, "images.store_size=32")
+    assert sized.data_dict()["images"]["stages_see"] == "full render"
+    assert "stages_see" not in cfg(tmp_path).data_dict()["images"]
+    run = fake_run(sized)
+    manifest = json.loads((run / "manifest.json").read_text())
+    del manifest["data_config"]["images"]["stages_see"]      # as the older code wrote it
+    manifest["data_hash"] = BEFORE[("tiny.yaml", "images.store_size=32")]
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(InputError, match=r"another config \(changed: images.stages_see\)"):
+        RunFolder(sized).prepare()
+    assert (run / "scored" / "x").exists()
+    RunFolder(sized).prepare(overwrite=True)
+    assert not (run / "scored").exists()
