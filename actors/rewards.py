@@ -1,6 +1,8 @@
 """Rewards for candidate answers: a text reward model (as ArmoRM is used), a CLIP image-answer score, and a
 hallucination penalty (objects the answer mentions that the prompt did not put in the image) and an optional
-coverage term (share of the image's objects the answer mentions; off by default).
+coverage term (share of the image's objects the answer mentions; off by default), and an optional VLM judge
+term (actors/common/judge.py: an answer's object claims checked on the image itself, not on the prompt; off by
+default).
 
 Each term is z-normalised within the candidates of one (image, question) before the weighted sum, so
 terms on different scales weigh as configured and a row's reward never depends on its batch.
@@ -12,6 +14,7 @@ from dataclasses import dataclass, field
 
 from actors.common.errors import Problem
 from actors.common.guard import guarded
+from actors.common.judge import Judge, refuted
 from actors.common.metrics import count, reward_bucket
 from actors.common.runtime import (
     add_node_tag,
@@ -22,26 +25,38 @@ from actors.common.runtime import (
     with_columns,
 )
 
-TERMS = ("text", "clip", "hallucination", "coverage")
+TERMS = ("text", "clip", "hallucination", "coverage", "judge")
 
 
 @dataclass
 class RewardsConfig:
     text_model: str = ""               # sequence-classification reward model (ArmoRM-style); "" = off
     clip_model: str = ""               # CLIP for the image-answer term; "" = off
+    judge_model: str = ""              # LLaVA-family VLM that checks each claimed object on the image; "" = off
     synonyms_file: str | None = None   # object vocabulary, "class, synonym, ..." a line; default: COCO's
+    # Weight of each term (text, clip, hallucination, coverage, judge) in the sum of z-scores; a missing term is 0.
     weights: dict[str, float] = field(default_factory=lambda: {"text": 1.0, "clip": 0.5, "hallucination": 1.0})
-    max_length: int = 1024
-    dtype: str = "float32"             # of the text reward model and the CLIP term
-    device: str = "auto"
+    max_length: int = 1024             # tokens of question + answer the text reward model reads (truncated after)
+    dtype: str = "float32"             # of the text reward model, the CLIP term and the judge
+    device: str = "auto"               # auto: the actor's GPU if it has one, else CPU
     trust_remote_code: bool = False    # ArmoRM ships custom code; only set it for models you trust
 
     def validate(self) -> list[Problem]:
         errs = [Problem(f"rewards.weights.{k}", f"unknown term (known: {', '.join(TERMS)})") for k in self.weights
                 if k not in TERMS]
-        if not self.text_model and not self.clip_model and not self.weights.get("hallucination"):
-            errs.append(Problem("rewards", "no reward term is on (set text_model, clip_model or weights.hallucination)"))
+        if self.weights.get("judge") and not self.judge_model:
+            errs.append(Problem("rewards.judge_model", "required when weights.judge is set (a LLaVA-family model)"))
+        if not (self.text_model or self.clip_model or self.judge_model or self.weights.get("hallucination")
+                or self.weights.get("judge")):   # a judge weight alone is the judge_model problem above
+            errs.append(Problem("rewards", "no reward term is on (set text_model, clip_model, judge_model or "
+                                "weights.hallucination)"))
         return errs
+
+
+def omit_default_judge(data: dict) -> None:
+    """The data hash leaves rewards.judge_model out when unset, so configs without a judge hash as before it."""
+    if not data.get("rewards", {}).get("judge_model", True):
+        data["rewards"].pop("judge_model")
 
 
 def load_vocab(cfg: RewardsConfig, prompt_source: str = "generate"):
@@ -143,7 +158,10 @@ class TextReward:
 
 class RewardScorer:
     REQUIRES = ("image", "question", "answers", "gt_objects")
-    ADDS = ("reward_text", "reward_clip", "hallucinated", "reward_hallucination", "reward_coverage", "reward")
+    ADDS = ("reward_text", "reward_clip", "hallucinated", "reward_hallucination", "reward_coverage", "reward_judge",
+            "reward")
+    # With judge_model only, for audit (scored/): per answer, its claimed objects and the judge's P(yes) of each.
+    JUDGE_ADDS = ("judge_claims", "judge_p_yes")
 
     def __init__(self, cfg: RewardsConfig, vocab, threads: int = 1):
         setup_torch(threads)
@@ -153,6 +171,9 @@ class RewardScorer:
         if cfg.clip_model:
             from actors.select import ClipScorer
             self.clip = ClipScorer(cfg.clip_model, cfg.device, threads, cfg.dtype)
+        self.judge = None
+        if cfg.judge_model:
+            self.judge = Judge(cfg.judge_model, cfg.device, threads, cfg.dtype)
 
     def __call__(self, batch):
         return guarded("rewards", batch, self._process)
@@ -164,22 +185,24 @@ class RewardScorer:
         flat_q = [q for q, row in zip(questions, answers) for _ in row]
         flat_a = [a for row in answers for a in row]
         flat_text = self.text.score(flat_q, flat_a) if self.text and flat_a else [0.0] * len(flat_a)
+        imgs = [open_png(b) for b in batch.column("image").to_pylist()] if (self.clip or self.judge) else None
         if self.clip and flat_a:
-            imgs = [open_png(b) for b in batch.column("image").to_pylist()]
             flat_clip = self.clip.score([im for im, row in zip(imgs, answers) for _ in row], flat_a)
         else:
             flat_clip = [0.0] * len(flat_a)
         if not all(math.isfinite(v) for v in flat_text + flat_clip):
             raise ValueError("non-finite reward (NaN or inf)")
-        out = {k: [] for k in self.ADDS}
+        # `asserted`: a "yes" to "Is there a X...?" claims X, a "no" does not (mentions alone can't tell).
+        all_claims = [[self.vocab.asserted(q, a) for a in row] for q, row in zip(questions, answers)]
+        verdicts = self._verdicts(imgs, all_claims) if self.judge else None
+        out = {k: [] for k in self.ADDS + (self.JUDGE_ADDS if self.judge else ())}
         i = 0
-        for q, row, gt in zip(questions, answers, gts):
+        for r, (q, row, gt) in enumerate(zip(questions, answers, gts)):
             n = len(row)
             t, c = flat_text[i:i + n], flat_clip[i:i + n]
             i += n
             gt_set = set(gt or [])
-            # `asserted`: a "yes" to "Is there a X...?" claims X, a "no" does not (mentions alone can't tell).
-            claims = [self.vocab.asserted(q, a) for a in row]
+            claims = all_claims[r]
             halluc = [[o for o in cl if o not in gt_set] for cl in claims]
             h = [-float(len(x)) for x in halluc]
             cov = coverage(claims, gt_set, self.vocab.asked_object(q))
@@ -188,7 +211,13 @@ class RewardScorer:
             out["hallucinated"].append(halluc)
             out["reward_hallucination"].append(h)
             out["reward_coverage"].append(cov)
-            out["reward"].append(combine({"text": t, "clip": c, "hallucination": h, "coverage": cov},
+            # The judge's term: minus the claims it refutes on this image (a count, as the hallucination term's).
+            j = [-float(refuted(p)) for p in verdicts[r]] if verdicts is not None else [0.0] * n
+            out["reward_judge"].append(j)
+            if verdicts is not None:
+                out["judge_claims"].append(claims)
+                out["judge_p_yes"].append(verdicts[r])
+            out["reward"].append(combine({"text": t, "clip": c, "hallucination": h, "coverage": cov, "judge": j},
                                          self.cfg.weights))
         for v in (v for row in out["reward"] for v in row):
             count("synthalign_reward", 1, "answers by combined-reward bucket", bucket=reward_bucket(v))
@@ -196,4 +225,14 @@ class RewardScorer:
             for row in batch.column("answer_models").to_pylist():
                 for model in row:
                     count("synthalign_candidates", 1, "answers scored", model=model)
+        if verdicts is not None:   # typed: a batch whose answers claim nothing would infer list<list<null>>
+            import pyarrow as pa
+            out["judge_claims"] = pa.array(out["judge_claims"], pa.list_(pa.list_(pa.string())))
+            out["judge_p_yes"] = pa.array(out["judge_p_yes"], pa.list_(pa.list_(pa.float64())))
         return with_columns(add_node_tag(batch, "rewards"), out)
+
+    def _verdicts(self, imgs, all_claims) -> list[list[list[float]]]:
+        """Per row, per answer, the judge's P(yes) of each claimed object; each object is asked once per image."""
+        asked = [list(dict.fromkeys(o for cl in claims for o in cl)) for claims in all_claims]
+        p = [dict(zip(objs, ps)) for objs, ps in zip(asked, self.judge.p_yes(imgs, asked))]
+        return [[[p[r][o] for o in cl] for cl in claims] for r, claims in enumerate(all_claims)]

@@ -17,15 +17,15 @@ from actors.common.runtime import (
 
 @dataclass
 class SelectionConfig:
-    scorer: str = "clip"               # clip | imagereward | none (keep the first candidate)
-    model: str = ""                    # CLIP model id/path; ImageReward folder or name ("ImageReward-v1.0")
-    device: str = "auto"
+    scorer: str = "clip"               # clip | imagereward | judge (a VLM asked about each object) | none (first)
+    model: str = ""                    # CLIP model id/path; ImageReward folder or name ("ImageReward-v1.0"); judge: VLM
+    device: str = "auto"               # auto: the actor's GPU if it has one, else CPU
     dtype: str = "float32"             # float16 / bfloat16 on GPU
 
     def validate(self) -> list[Problem]:
         errs = []
-        if self.scorer not in ("clip", "imagereward", "none"):
-            errs.append(Problem("selection.scorer", "must be 'clip', 'imagereward' or 'none'"))
+        if self.scorer not in ("clip", "imagereward", "judge", "none"):
+            errs.append(Problem("selection.scorer", "must be 'clip', 'imagereward', 'judge' or 'none'"))
         if not self.model and self.scorer != "none":
             errs.append(Problem("selection.model", "required"))
         if self.dtype not in DTYPES:
@@ -90,15 +90,20 @@ class FirstCandidate:
 
 
 class ImageSelection:
-    REQUIRES = ("image_prompt", "candidate_images", "candidate_seeds", "candidate_guidance")
+    REQUIRES = ("image_prompt", "gt_objects", "candidate_images", "candidate_seeds", "candidate_guidance")
     ADDS = ("image", "image_score", "seed", "guidance_scale", "candidate_scores")
-    # Only the best image travels on; with images.keep_render, `candidate_renders` arrives too and the best's
-    # render leaves as `image_render`.
-    DROPS = ("candidate_images", "candidate_renders")
+    # Only the best image travels on, as rendered (images.store_size applies at storage: actors/pairs.py).
+    DROPS = ("candidate_images",)
+    # With scorer judge only, for audit (no later stage reads it): per candidate, P(yes) per gt_objects entry.
+    JUDGE_ADDS = ("candidate_judge",)
 
     def __init__(self, cfg: SelectionConfig, threads: int = 1):
         if cfg.scorer == "none":  # e.g. the shapes world: every candidate shows the prompt exactly
             self.scorer = FirstCandidate()
+            return
+        if cfg.scorer == "judge":
+            from actors.common.judge import Judge
+            self.scorer = Judge(cfg.model, cfg.device, threads, cfg.dtype)
             return
         cls = ClipScorer if cfg.scorer == "clip" else ImageRewardScorer
         self.scorer = cls(cfg.model, cfg.device, threads, cfg.dtype)
@@ -106,16 +111,25 @@ class ImageSelection:
     def __call__(self, batch):
         return guarded("selection", batch, self._process, self.DROPS)
 
+    def _judge(self, batch, cands, flat_imgs) -> list[list[float]]:
+        """Each candidate's verdicts on the objects its prompt names (gt_objects); none: it scores 0."""
+        objs = [list(o or []) for o in batch.column("gt_objects").to_pylist()]
+        return self.scorer.p_yes(flat_imgs, [o for o, row in zip(objs, cands) for _ in row])
+
     def _process(self, batch):
         prompts = batch.column("image_prompt").to_pylist()
         cands = batch.column("candidate_images").to_pylist()
         flat_imgs = [open_png(b) for row in cands for b in row]
         flat_txt = [p for p, row in zip(prompts, cands) for _ in row]
-        flat = self.scorer.score(flat_imgs, flat_txt)
+        judged = self._judge(batch, cands, flat_imgs) if hasattr(self.scorer, "p_yes") else None
+        if judged is not None:   # a candidate's score: the mean P(yes) over the prompt's objects
+            flat = [sum(v) / len(v) if v else 0.0 for v in judged]
+        else:
+            flat = self.scorer.score(flat_imgs, flat_txt)
         seeds = batch.column("candidate_seeds").to_pylist()
         scales = batch.column("candidate_guidance").to_pylist()
         out = {"image": [], "image_score": [], "seed": [], "guidance_scale": [], "candidate_scores": []}
-        i, best_of = 0, []
+        i = 0
         for r, row in enumerate(cands):
             scores = flat[i:i + len(row)]
             i += len(row)
@@ -125,11 +139,11 @@ class ImageSelection:
             out["seed"].append(seeds[r][best])
             out["guidance_scale"].append(scales[r][best])
             out["candidate_scores"].append([float(s) for s in scores])
-            best_of.append(best)
         import pyarrow as pa
         out["image"] = pa.array(out["image"], pa.binary())
-        if "candidate_renders" in batch.column_names:
-            renders = batch.column("candidate_renders").to_pylist()
-            out["image_render"] = pa.array([row[b] for row, b in zip(renders, best_of)], pa.binary())
+        if judged is not None:
+            starts = [sum(map(len, cands[:r])) for r in range(len(cands))]
+            out["candidate_judge"] = pa.array([judged[s:s + len(row)] for s, row in zip(starts, cands)],
+                                              pa.list_(pa.list_(pa.float64())))
         drops = [c for c in self.DROPS if c in batch.column_names]
         return with_columns(add_node_tag(batch.drop_columns(drops), "selection"), out)

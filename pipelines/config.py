@@ -15,10 +15,10 @@ from actors.common.errors import InputError, Problem, raise_first
 from actors.common.files import read_user_text
 from actors.common.guard import FaultConfig
 from actors.contract import STAGES
-from actors.images import ImagesConfig, omit_default_memory_options
+from actors.images import ImagesConfig, mark_full_render, omit_default_memory_options
 from actors.pairs import PairsConfig
 from actors.prompts import PromptsConfig
-from actors.rewards import RewardsConfig
+from actors.rewards import RewardsConfig, omit_default_judge
 from actors.sampling import SamplerConfig
 from actors.select import SelectionConfig, omit_default_dtype
 from cluster.resources import ClusterShape, PoolConfig
@@ -40,11 +40,15 @@ def _without_new_defaults(data: dict, train: dict | None = None) -> dict:
     match their configs (and round 1 of an iterative run hashes as the same run with `rounds: 1`)."""
     d = copy.deepcopy(data)
     omit_default_memory_options(d)
+    mark_full_render(d)
     omit_default_dtype(d)
+    omit_default_judge(d)
     if d.get("previous") is None:
         d.pop("previous", None)
     if d.get("prompts", {}).get("round") == 1:
         d["prompts"].pop("round")
+    if "prompts" in d and d["prompts"].get("source") != "llm":
+        d["prompts"].pop("writer", None)   # only an llm source reads it
     if not d.get("pairs", {}).get("drop_coverage_only", True):
         d["pairs"].pop("drop_coverage_only")
     for s in d.get("samplers", []):
@@ -61,7 +65,7 @@ def _without_new_defaults(data: dict, train: dict | None = None) -> dict:
 
 @dataclass
 class RunConfig:
-    output_dir: str
+    output_dir: str                    # the run folder: a local path, or s3:// / gs:// (object storage)
     # Iterative on-policy DPO: round r >= 2 samples fresh prompts with the policy after round r-1 (samplers with
     # on_policy: true), then continues its adapter. Each round is a run folder of its own: <output_dir>/rounds/<r>.
     rounds: int = 1
@@ -81,7 +85,7 @@ class RunConfig:
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
     pairs: PairsConfig = field(default_factory=PairsConfig)
     # Scheduling, per stage: images, selection, sampling (default for every sampler),
-    # "sampling:<sampler name>" for one sampler, rewards.
+    # "sampling:<sampler name>" for one sampler, rewards; prompts (the prompt writer of prompts.source llm).
     pools: dict[str, PoolConfig] = field(default_factory=dict)
     # All stages in one actor pool (sized by pools.images): for CPU nodes, where a process per stage
     # time-shares the cores. GPU clusters keep a pool per stage, each model on its own devices.
@@ -104,8 +108,13 @@ class RunConfig:
         the images pool alone when fused."""
         if self.fuse:
             return {"images": self.pool("images")}
-        out = {name: self.pool(name) for name in ("images", "selection", "rewards")}
-        out.update({s.pool_key: self.pool("sampling", s) for s in self.samplers})
+        out = {}
+        for st in STAGES:   # a list section (samplers) holds a pool per entry
+            section = getattr(self, st.config)
+            if isinstance(section, list):
+                out.update({sub.pool_key: self.pool(st.pool, sub) for sub in section})
+            else:
+                out[st.pool] = self.pool(st.pool)
         return out
 
     def to_dict(self) -> dict:
@@ -153,7 +162,7 @@ class RunConfig:
                 errs.append(Problem(f"samplers[{i}].name", f"'{s.label}' is used twice; give each sampler a distinct name"))
         for name, pool in self.pools.items():
             stage = name.split(":", 1)[0]
-            if stage not in POOL_STAGES or (":" in name and stage != "sampling"):
+            if stage not in POOL_STAGES + ("prompts",) or (":" in name and stage != "sampling"):
                 errs.append(Problem(f"pools.{name}", f"unknown stage (known: {', '.join(POOL_STAGES)}, sampling:<name>)"))
             elif ":" in name and name.split(":", 1)[1] not in labels:
                 errs.append(Problem(f"pools.{name}", f"no sampler is named '{name.split(':', 1)[1]}'"))
