@@ -10,7 +10,7 @@ from actors.common.errors import Problem
 from cluster.doctor import NodeFacts, probe_nodes
 
 # Model-naming config keys (the last part of a dotted key).
-MODEL_KEYS = {"model", "text_model", "clip_model", "adapter"}
+MODEL_KEYS = {"model", "text_model", "clip_model", "judge_model", "adapter"}
 # Hub repositories that need an accepted licence and a token to download.
 GATED_PREFIXES = ("stabilityai/stable-diffusion-3", "meta-llama/", "black-forest-labs/FLUX.1-dev")
 # Names the loaders map to hub repositories themselves (actors/common/imagereward.py).

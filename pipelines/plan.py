@@ -30,6 +30,7 @@ from pipelines.plan_memory import (
     memory_floor,
     memory_problems,
     pool_needs,
+    with_tensor_parallel,
 )
 
 # Public A100-80GB figures the defaults derive from (all dense bf16/fp16):
@@ -44,6 +45,8 @@ A100_FLOPS, MFU = 312e12, 0.4
 # ImageReward: BLIP ViT-L/16 + a 12-layer text encoder, ~0.47B parameters over ~600 tokens; CLIP ViT-L/14 ~0.43B.
 SCORER_PARAMS_B = {"imagereward": 0.47, "clip": 0.43, "none": 0.0}
 SCORER_TOKENS = 600
+# A LLaVA-1.6 judge reads the image's tokens and the question per object; prompts and answers name ~2 objects.
+JUDGE_TOKENS, JUDGE_OBJECTS = LLAVA16_IMAGE_TOKENS + QUESTION_TOKENS, 2
 MIN_COST_S = 1e-3      # a CPU-side stage (shapes images, no scorer) still takes its turn
 HEADROOM = 1.05
 SHARE_STEP = 0.001     # GPU fractions in thousandths (Ray resolves 1e-4): a coarser step idles the small pools
@@ -64,8 +67,11 @@ def default_costs(cfg) -> dict[str, float]:
     """A100 GPU-seconds per item, by pool key, at the config's settings."""
     im = cfg.images
     image = SD3_FIXED_S + im.steps * SD3_STEP_S * (im.height * im.width / SD3_PX)
-    out = {"images": image if im.backend != "shapes" else MIN_COST_S,
-           "selection": flops_seconds(SCORER_PARAMS_B.get(cfg.selection.scorer, 0.47), SCORER_TOKENS)}
+    sel = cfg.selection
+    # A judge asks one question per object the prompt names, each a forward pass over the image's tokens.
+    selection = flops_seconds(params_b(sel.model), JUDGE_TOKENS * JUDGE_OBJECTS) if sel.scorer == "judge" else \
+        flops_seconds(SCORER_PARAMS_B.get(sel.scorer, 0.47), SCORER_TOKENS)
+    out = {"images": image if im.backend != "shapes" else MIN_COST_S, "selection": selection}
     answer_tokens = []
     for s in cfg.samplers:
         tokens = LLAVA16_IMAGE_TOKENS + QUESTION_TOKENS + s.max_new_tokens
@@ -75,6 +81,8 @@ def default_costs(cfg) -> dict[str, float]:
     reward = flops_seconds(params_b(r.text_model, 8.0), max(answer_tokens or [0])) if r.text_model else 0.0
     if r.clip_model and r.weights.get("clip"):
         reward += flops_seconds(SCORER_PARAMS_B["clip"], SCORER_TOKENS)
+    if r.judge_model and r.weights.get("judge"):   # one question per object an answer claims
+        reward += flops_seconds(params_b(r.judge_model), JUDGE_TOKENS * JUDGE_OBJECTS)
     out["rewards"] = reward
     return {k: max(v, MIN_COST_S) for k, v in out.items()}
 
@@ -110,17 +118,32 @@ def read_costs(path: str | Path, keys) -> dict[str, float]:
     return {**spread, **{k: v for k, v in out.items() if k != "sampling"}}
 
 
-def split(gpus: float) -> tuple[int, float]:
-    """A pool's GPU share as (actors, GPUs per actor): no actor holds more than one GPU."""
+def split(gpus: float, tp: int = 1) -> tuple[int, float]:
+    """A pool's GPU share as (actors, GPUs per actor): no actor holds more than one GPU, but an engine sharded
+    over `tp` GPUs (tensor parallel) holds exactly tp whole ones."""
+    if tp > 1:
+        return max(1, math.ceil(gpus / tp - 1e-9)), float(tp)
     size = max(1, math.ceil(gpus - 1e-9))
     return size, math.ceil(gpus / size / SHARE_STEP - 1e-9) * SHARE_STEP
 
 
-def pack(actors: dict[str, tuple[int, float]], gpus: int) -> list[list[str]] | None:
-    """First-fit decreasing of actor shares (pool -> (actors, share each)) onto `gpus` devices, a Ray actor's GPU
-    fraction never spanning two: the pools on each device, or None when they do not fit."""
+def pack(actors: dict[str, tuple[int, float]], gpus: int, per_node: int | None = None) -> list[list[str]] | None:
+    """First-fit decreasing of actor shares (pool -> (actors, share each)) onto `gpus` devices, `per_node` to a
+    node: a fraction never spans two devices, a share of n > 1 GPUs takes n free devices of one node. The pools
+    on each device, or None when they do not fit."""
+    per_node = per_node or gpus
     free, bins = [1.0] * gpus, [[] for _ in range(gpus)]
     for k, s in sorted(((k, a) for k, (size, a) in actors.items() for _ in range(size)), key=lambda x: -x[1]):
+        if s > 1 + 1e-9:
+            n = round(s)
+            node = next((node for node in range(0, gpus, per_node)
+                         if sum(f >= 1 - 1e-9 for f in free[node:node + per_node]) >= n), None)
+            if node is None:
+                return None
+            for i in [i for i in range(node, node + per_node) if free[i] >= 1 - 1e-9][:n]:
+                free[i] = 0.0
+                bins[i].append(k)
+            continue
         i = next((i for i, f in enumerate(free) if f >= s - 1e-9), None)
         if i is None:
             return None
@@ -198,7 +221,7 @@ class Plan:
         if n is None:
             return {}
         return {"need_gib": round(n.total, 2), "weights_gib": round(n.weights, 2), "work_gib": round(n.work, 2),
-                "share_gib": round(self.pools[key].num_gpus * self.gpu_gib, 1)}
+                "share_gib": round(self.pools[key].num_gpus / n.tp * self.gpu_gib, 1), "tensor_parallel": n.tp}
 
 
 def make_plan(cfg, gpus_per_node: int, nodes: int = 1, costs: dict[str, float] | None = None,
@@ -210,17 +233,19 @@ def make_plan(cfg, gpus_per_node: int, nodes: int = 1, costs: dict[str, float] |
                          f"--nodes {nodes})", field="--gpus")
     if not gpu_gib > 0:
         raise InputError(f"GPU memory must be a positive number of GiB, got {gpu_gib:g}", field="--gpu-memory")
+    cfg = with_tensor_parallel(cfg, gpu_gib, gpus_per_node)
     rows = items_per_prompt(cfg)
     cost = {**default_costs(cfg), **(costs or {})}
     work = {k: cost[k] * r * i for k, (r, i) in rows.items()}
-    floor = memory_floor(cfg, pool_needs(cfg, kv_seqs(cfg, {}, gpu_gib)), gpu_gib, SHARE_STEP)
+    needs = pool_needs(cfg, kv_seqs(cfg, {}, gpu_gib))
+    floor = memory_floor(cfg, needs, gpu_gib, SHARE_STEP)
     lead, total = max(work, key=work.get), gpus_per_node * nodes
     for lead_gpus in range(total, 0, -1):
         rate = lead_gpus / work[lead]
         share = {k: float(lead_gpus) if k == lead else work[k] * rate * HEADROOM for k in work}
         actors = {k: (size, round(max(a, floor[k]), 3)) for k, (size, a) in
-                  ((k, split(g)) for k, g in share.items())}
-        bins = pack(actors, total)
+                  ((k, split(g, needs[k].tp)) for k, g in share.items())}
+        bins = pack(actors, total, gpus_per_node)
         if bins is not None:
             break
     else:
@@ -247,6 +272,8 @@ def plan_config(plan: Plan, cfg, source: Path, out: Path) -> dict:
     for s in cfg.samplers:
         key = s.pool_key
         share, need = plan.pools[key].num_gpus, plan.needs.get(key)
+        if need and need.tp != s.tensor_parallel_size:   # the plan sharded an engine no single GPU holds
+            s, changed = dataclasses.replace(s, tensor_parallel_size=need.tp), True
         if s.backend == "vllm":
             gmu = s.gpu_memory_utilization
             if (share < 1 and gmu > share - VLLM_MARGIN) or (need and need.total > gmu * plan.gpu_gib):
@@ -268,7 +295,7 @@ def write_plan(plan: Plan, cfg, source: str | Path, out: str | Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     s = plan.summary()
     mem = f" --gpu-memory {plan.gpu_gib:g}" if plan.gpu_gib != GPU_GIB else ""
-    need = [f"{k} {n.total:.1f}/{plan.pools[k].num_gpus * plan.gpu_gib:.1f}" for k, n in plan.needs.items()]
+    need = [f"{k} {n.total:.1f}/{plan.pools[k].num_gpus / n.tp * plan.gpu_gib:.1f}" for k, n in plan.needs.items()]
     head = (f"# Written by `synthalign plan {source} --gpus {plan.gpus_per_node} --nodes {plan.nodes}{mem}`: "
             f"{s['gpus_used']:g} of {plan.nodes * plan.gpus_per_node} GPUs,\n# {s['prompts_per_hour']:g} prompts "
             f"an hour, {s['predicted_hours']:g} h predicted for {plan.prompts} prompts (costs: "

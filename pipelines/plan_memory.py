@@ -131,14 +131,17 @@ class Need:
     work: float                  # KV cache or activations
     work_label: str              # what `work` holds, for the refusal and the runbook table
     seqs: int | None = None      # a vLLM engine's max_num_seqs
+    tp: int = 1                  # GPUs a vLLM engine shards weights and KV cache over (tensor parallel)
 
     @property
     def total(self) -> float:
-        return self.weights + self.work + RUNTIME_GIB
+        """GiB on each of the actor's GPUs."""
+        return (self.weights + self.work) / self.tp + RUNTIME_GIB
 
     def describe(self) -> str:
+        over = f", each of {self.tp} GPUs" if self.tp > 1 else ""
         return (f"{self.total:.1f} GiB ({self.model}: weights {self.weights:.1f}, {self.work_label} "
-                f"{self.work:.1f}, runtime {RUNTIME_GIB:g})")
+                f"{self.work:.1f}{over}, runtime {RUNTIME_GIB:g})")
 
 
 def _weights_gib(model: str, dtype_bytes: float, skip=()) -> float:
@@ -175,7 +178,7 @@ def sampler_need(s, seqs: int | None = None) -> Need:
     seqs = seqs or s.max_num_seqs or PLAN_SEQS
     per_token = kv_bytes_per_token(s.model, s.dtype) or 0.0
     return Need(s.model, weights, per_token * s.max_model_len * seqs / GiB,
-                f"KV cache ({seqs} x {s.max_model_len} tokens)", seqs)
+                f"KV cache ({seqs} x {s.max_model_len} tokens)", seqs, s.tensor_parallel_size)
 
 
 def seq_gib(s) -> float:
@@ -195,7 +198,9 @@ def rewards_need(r) -> Need:
     weights = _weights_gib(r.text_model, b) if r.text_model else 0.0
     if r.clip_model and r.weights.get("clip"):
         weights += _weights_gib(r.clip_model, b)
-    return Need(r.text_model or r.clip_model or "none", weights, 0.0, "activations")
+    if getattr(r, "judge_model", "") and r.weights.get("judge"):
+        weights += _weights_gib(r.judge_model, b)
+    return Need(r.text_model or r.clip_model or getattr(r, "judge_model", "") or "none", weights, 0.0, "activations")
 
 
 def pool_needs(cfg, seqs: dict[str, int] | None = None) -> dict[str, Need]:
@@ -212,8 +217,8 @@ def share_gib(cfg, key: str, share: float, gpu_gib: float) -> float:
     """Memory an actor of pool `key` holding `share` of a GPU may use: a vLLM engine takes its
     gpu_memory_utilization of the device, whatever share Ray granted."""
     s = next((s for s in cfg.samplers if s.pool_key == key), None)
-    if s is not None and s.backend == "vllm":
-        share = min(share, s.gpu_memory_utilization)
+    if s is not None and s.backend == "vllm":   # per GPU of the engine's tensor_parallel_size
+        share = min(share / s.tensor_parallel_size, s.gpu_memory_utilization)
     return share * gpu_gib
 
 
@@ -244,8 +249,27 @@ def memory_floor(cfg, needs: dict[str, Need], gpu_gib: float, share_step: float)
             hint = " (set its max_num_seqs or max_model_len lower)" if k in vllm and need.work else ""
             raise InputError(f"pool {k} needs {need.describe()} but its share is at most 1 x {gpu_gib:g} GiB"
                              f"{hint}", field="--gpu-memory")
-        out[k] = math.ceil(share / share_step - 1e-9) * share_step
+        # a sharded engine holds its GPUs whole
+        out[k] = float(need.tp) if need.tp > 1 else math.ceil(share / share_step - 1e-9) * share_step
     return out
+
+
+def with_tensor_parallel(cfg, gpu_gib: float, gpus_per_node: int):
+    """`cfg` with each vLLM sampler that fits no single GPU (tensor_parallel_size 1, PLAN_SEQS sequences or its
+    max_num_seqs) sharded over the fewest GPUs of one node that hold it: 2, 4 or 8. Others are kept as set."""
+    import dataclasses
+    samplers = []
+    for s in cfg.samplers:
+        if s.backend == "vllm" and s.tensor_parallel_size == 1:
+            for tp in (1, 2, 4, 8):
+                if tp > gpus_per_node:
+                    break
+                trial = dataclasses.replace(s, tensor_parallel_size=tp)
+                if sampler_need(trial).total / gpu_gib + VLLM_MARGIN <= 1 + 1e-9:
+                    s = trial
+                    break
+        samplers.append(s)
+    return dataclasses.replace(cfg, samplers=samplers)
 
 
 def kv_seqs(cfg, shares: dict[str, float], gpu_gib: float) -> dict[str, int]:
@@ -258,10 +282,11 @@ def kv_seqs(cfg, shares: dict[str, float], gpu_gib: float) -> dict[str, int]:
             out[k] = s.max_num_seqs
         elif k not in shares:
             out[k] = min(PLAN_SEQS, call)
-        else:
+        else:   # per GPU of the engine: its slice of the weights and of each sequence's KV cache
+            tp = s.tensor_parallel_size
             weights = pool_needs(cfg, {k: 1})[k].weights
-            room = (shares[k] - VLLM_MARGIN) * gpu_gib - weights - RUNTIME_GIB
-            fit = math.floor(room / seq_gib(s) + 1e-9) if seq_gib(s) else call
+            room = (shares[k] / tp - VLLM_MARGIN) * gpu_gib - weights / tp - RUNTIME_GIB
+            fit = math.floor(room / (seq_gib(s) / tp) + 1e-9) if seq_gib(s) else call
             out[k] = max(min(PLAN_SEQS, call), min(call, fit))
     return out
 
@@ -272,8 +297,8 @@ def grow_engines(cfg, actors: dict[str, tuple[int, float]], bins: list[list[str]
     cache of one call's requests (pool batch_size x n sequences): more sequences decoded at once, nothing else
     moves. Engines whose max_num_seqs is set keep their share."""
     grown, call = dict(actors), {}
-    for k, s in vllm_samplers(cfg).items():
-        if not s.max_num_seqs and actors.get(k, (0, 0))[0] == 1:
+    for k, s in vllm_samplers(cfg).items():   # sharded engines hold whole GPUs: nothing to grow into
+        if not s.max_num_seqs and actors.get(k, (0, 0))[0] == 1 and s.tensor_parallel_size == 1:
             seqs = cfg.pool("sampling", s).batch_size * s.n
             call[k] = sampler_need(s, seqs).total / gpu_gib + VLLM_MARGIN
     for keys in bins:

@@ -81,11 +81,11 @@ def test_tiny_model_numbers_are_exact(tiny_models):
 
 
 def test_a_pool_that_cannot_fit_is_refused(paper):
-    paper.samplers[1].max_num_seqs = 64     # 13B: 25 GiB of weights + 64 x 3.125 GiB of KV cache
+    paper.samplers[1].max_num_seqs = 256    # 13B: 25 GiB of weights + 256 x 3.125 GiB of KV cache: not even on 8
     with pytest.raises(InputError) as e:
         make_plan(paper, 8)
     msg = str(e.value)
-    assert "\n" not in msg and f"pool {VICUNA_13B} needs 227.0 GiB" in msg and "KV cache (64 x 4096 tokens) 200.0" in msg
+    assert "\n" not in msg and f"pool {VICUNA_13B} needs 827.0 GiB" in msg and "KV cache (256 x 4096 tokens) 800.0" in msg
     assert "at most 1 x 80 GiB" in msg and "max_num_seqs" in msg
     with pytest.raises(InputError, match=r"pool images needs 12\.5 GiB .* at most 1 x 12 GiB"):
         make_plan(load_config(PAPER, ["output_dir=x"]), 8, gpu_gib=12)
@@ -93,10 +93,10 @@ def test_a_pool_that_cannot_fit_is_refused(paper):
 
 def test_cli_refuses_in_one_line(tmp_path, capsys):
     from pipelines.cli import main
-    assert main(["plan", str(PAPER), "--gpus", "8", "--gpu-memory", "40", "--out", str(tmp_path / "p.yaml")]) == 2
+    assert main(["plan", str(PAPER), "--gpus", "8", "--gpu-memory", "12", "--out", str(tmp_path / "p.yaml")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("synthalign: error:") and "\n" not in err
-    assert f"pool {VICUNA_13B} needs 52.0 GiB" in err and "1 x 40 GiB" in err
+    assert "pool images needs 12.5 GiB" in err and "1 x 12 GiB" in err
     assert not (tmp_path / "p.yaml").exists()
 
 
@@ -120,3 +120,60 @@ def test_paper_1node_fits_by_the_plans_arithmetic():
     assert memory_problems(cfg, 80.0) == [
         f"pool {VICUNA_13B} needs {sampler_need(cfg.samplers[1]).describe()} but its share is "
         f"{cfg.pool('sampling', cfg.samplers[1]).num_gpus:g} x 80 GiB = 40.0 GiB"]
+
+
+def test_a_judge_costs_time_and_memory_in_the_plan():
+    """The VLM judge (selection.scorer judge, rewards.weights.judge) is planned like the models it is: a forward
+    pass per object over the image's tokens, and its weights on the pool's GPU share."""
+    from pipelines.config import load_config
+    from pipelines.plan import default_costs
+    from pipelines.plan_memory import rewards_need, selection_need
+    base = load_config(ROOT / "configs" / "paper.yaml")
+    judged = load_config(ROOT / "configs" / "paper.yaml", [
+        "selection.scorer=judge", "selection.model=llava-hf/llava-v1.6-mistral-7b-hf",
+        "rewards.judge_model=llava-hf/llava-v1.6-mistral-7b-hf", "rewards.weights.judge=1.0"])
+    before, after = default_costs(base), default_costs(judged)
+    assert after["selection"] > 10 * before["selection"] and after["rewards"] > before["rewards"]
+    assert selection_need(judged.selection).weights > 13 > selection_need(base.selection).weights
+    assert rewards_need(judged.rewards).weights - rewards_need(base.rewards).weights > 13
+
+
+def test_an_engine_no_single_gpu_holds_is_sharded_over_the_fewest_gpus_of_a_node(tmp_path):
+    """On 40 GB cards the 13B sampler (25 GiB of bf16 weights + 8 sequences of KV cache) fits no GPU: the plan gives
+    its engine tensor_parallel_size 2 and its actors 2 whole GPUs; the written config loads with every share
+    holding its model. The 7B samplers stay on one GPU each."""
+    cfg = load_config(ROOT / "configs" / "paper.yaml")
+    plan = make_plan(cfg, 8, gpu_gib=40.0)
+    key = "sampling:llava-1.6-vicuna-13b"
+    assert plan.needs[key].tp == 2 and plan.pools[key].num_gpus == 2.0
+    assert all(plan.needs[s.pool_key].tp == 1 for s in cfg.samplers if "13b" not in s.model)
+    assert plan.needs[key].total <= 40.0 and sum(plan.gpus.values()) <= 8
+    out = write_plan(plan, cfg, ROOT / "configs" / "paper.yaml", tmp_path / "plan40.yaml")
+    planned = load_config(out)
+    assert {s.label: s.tensor_parallel_size for s in planned.samplers} == {
+        "llava-1.6-mistral-7b": 1, "llava-1.6-vicuna-13b": 2, "llava-1.6-vicuna-7b": 1}
+    assert memory_problems(planned, 40.0) == []
+    assert planned.pool("sampling", planned.samplers[1]).num_gpus == 2.0
+
+
+def test_a_sharded_engine_takes_whole_gpus_of_one_node():
+    from pipelines.plan import pack
+    # two nodes of 2 GPUs each
+    assert pack({"tp": (2, 2.0)}, 4, per_node=2) == [["tp"], ["tp"], ["tp"], ["tp"]]
+    assert pack({"tp": (1, 2.0), "a": (2, 0.6)}, 4, per_node=2) == [["tp"], ["tp"], ["a"], ["a"]]
+    assert pack({"tp": (1, 2.0), "a": (3, 0.6)}, 4, per_node=2) is None    # the engine's 2 GPUs are its alone
+    assert pack({"tp": (1, 4.0)}, 4, per_node=2) is None      # 4 GPUs, but never 4 on one node
+    assert pack({"tp": (1, 4.0)}, 4) == [["tp"]] * 4
+
+
+def test_a_user_set_tensor_parallel_size_is_kept_and_a_model_too_big_for_a_node_is_refused():
+    cfg = load_config(ROOT / "configs" / "paper.yaml")
+    cfg.samplers[0].tensor_parallel_size = 2      # the user's choice, though one 80 GB GPU would hold it
+    plan = make_plan(cfg, 8)
+    assert plan.needs["sampling:llava-1.6-mistral-7b"].tp == 2
+    assert plan.pools["sampling:llava-1.6-mistral-7b"].num_gpus == 2.0
+    big = load_config(ROOT / "configs" / "paper.yaml")
+    big.samplers[1].max_num_seqs = 64     # 25 GiB of weights + 200 GiB of KV cache: 4 GPUs of 80 hold it
+    assert make_plan(big, 4, nodes=2).needs[VICUNA_13B].tp == 4
+    with pytest.raises(InputError, match=r"pool sampling:llava-1.6-vicuna-13b needs .* at most 1 x 80 GiB"):
+        make_plan(big, 2, nodes=4)        # as many GPUs, but an engine shards over one node's only
