@@ -27,20 +27,20 @@ class SamplerConfig:
     backend: str = "transformers"      # transformers | vllm
     n: int = 1                         # answers per (image, question)
     temperature: float = 0.0           # 0 means greedy
-    top_p: float = 1.0
-    max_new_tokens: int = 128
+    top_p: float = 1.0                 # nucleus sampling; 1.0 keeps every token
+    max_new_tokens: int = 128          # longest answer, in tokens
     batch_size: int = 8                # rows (image, question) per generate call; each row's n samples ride along
-    dtype: str = "float32"
-    device: str = "auto"
-    seed: int = 0
+    dtype: str = "float32"             # bfloat16 / float16 on GPU
+    device: str = "auto"               # auto: the actor's GPU if it has one, else CPU
+    seed: int = 0                      # sampling seed, with the row's ids: a rerun samples the same answers
     prompt_suffix: str = ""            # e.g. POPE's "Answer the question using a single word or phrase."
     max_model_len: int = 4096          # vllm only, as the four below: what fits a model to the GPUs at hand
-    tensor_parallel_size: int = 1      # GPUs one engine spans (a 13B on 40 GB cards: 2); give the pool num_gpus to match
+    tensor_parallel_size: int = 1      # GPUs one engine spans (a 13B on 40 GB cards: 2; `plan` picks it); pool num_gpus must match
     gpu_memory_utilization: float = 0.9  # share of each GPU the engine takes (engines sharing a GPU: split it)
     quantization: str | None = None    # e.g. "awq", "gptq", "fp8" (vLLM's names)
     max_num_seqs: int | None = None    # concurrent sequences (vLLM default when None)
     enforce_eager: bool = False        # vllm: skip torch.compile / CUDA graphs (starts minutes sooner; the CPU lane)
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False    # load a model's own code from its repository; only for models you trust
     adapter: str | None = None         # a PEFT LoRA adapter folder, merged into the model on load
     # With `rounds: N` this entry samples the policy being trained (train.model, in place of `model`): in round 1
     # the base, in round r >= 2 the base with round r-1's adapter (transformers) or its merged weights (vllm; needs

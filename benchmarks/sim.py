@@ -14,19 +14,28 @@ import shutil
 import time
 from pathlib import Path
 
-from actors.rewards import RewardScorer
+from actors.contract import STAGES
 from benchmarks.child import REPO, run_child
 
 SIM_ENV = "SYNTHALIGN_SIM"
 
 
 class _SimStage:
-    """Sleep stand-in for a GPU stage: same constructor and columns as the real class; logs its busy spans."""
+    """Sleep stand-in for a GPU stage: same constructor and columns as the real class; logs its busy spans.
+    A subclass names the stage it stands for (`KEY`, a pool key of actors.contract.STAGES) and takes that
+    stage's column contract from the real class, never a copy."""
     KEY = ""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        real = next(st.cls for st in STAGES if st.pool == cls.KEY)
+        cls.REAL = real
+        cls.REQUIRES, cls.ADDS = real.REQUIRES, real.ADDS
+        cls.DROPS = getattr(real, "DROPS", ())
 
     def __init__(self, cfg, threads: int = 1, vocab=None):
         spec = json.loads(os.environ[SIM_ENV])
-        self.cfg, self.key = cfg, self.KEY or cfg.pool_key
+        self.cfg, self.key = cfg, getattr(cfg, "pool_key", None) or self.KEY   # a sampler: sampling:<name>
         self.per_item, self.log = spec["per_item"][self.key], Path(spec["log_dir"])
         self.image_bytes = spec["image_bytes"]
 
@@ -45,8 +54,6 @@ def _add(table, **cols):
 
 class SimImages(_SimStage):
     KEY = "images"
-    REQUIRES, ADDS = ("prompt_id", "image_prompt"), ("candidate_images", "candidate_seeds", "candidate_guidance",
-                                                     "stage_nodes")
 
     def fill(self, batch):
         import pyarrow as pa
@@ -60,20 +67,18 @@ class SimImages(_SimStage):
 
 class SimSelection(_SimStage):
     KEY = "selection"
-    REQUIRES, ADDS, DROPS = ("image_prompt", "candidate_images", "candidate_seeds", "candidate_guidance"), (
-        "image", "image_score", "seed", "guidance_scale", "candidate_scores"), ("candidate_images",)
 
     def fill(self, batch):
         import pyarrow as pa
         cands = batch.column("candidate_images").to_pylist()
-        return _add(batch.drop_columns(["candidate_images"]), _stage="selection",
+        return _add(batch.drop_columns([c for c in self.DROPS if c in batch.column_names]), _stage="selection",
                     image=pa.array([c[0] for c in cands], pa.binary()), image_score=[1.0] * len(cands),
                     seed=[0] * len(cands), guidance_scale=[5.0] * len(cands),
                     candidate_scores=[[1.0] * len(c) for c in cands]), sum(map(len, cands))
 
 
 class SimSampler(_SimStage):
-    REQUIRES, ADDS = ("image", "question", "pair_key"), ("answers", "answer_models")
+    KEY = "sampling"   # one per sampler: its pool key comes from its config (sampling:<name>)
 
     def fill(self, batch):
         n, keys = self.cfg.n, batch.column("pair_key").to_pylist()
@@ -86,8 +91,6 @@ class SimSampler(_SimStage):
 
 class SimRewards(_SimStage):
     KEY = "rewards"
-    REQUIRES = ("image", "question", "answers", "gt_objects")
-    ADDS = RewardScorer.ADDS   # every column the real stage adds: the views read them all
 
     def fill(self, batch):
         answers = batch.column("answers").to_pylist()
@@ -98,7 +101,7 @@ class SimRewards(_SimStage):
                     hallucinated=[[[] for _ in row] for row in answers]), sum(map(len, answers))
 
 
-SIM_STAGES = {"images": SimImages, "selection": SimSelection, "sampling": SimSampler, "rewards": SimRewards}
+SIM_STAGES = {cls.KEY: cls for cls in (SimImages, SimSelection, SimSampler, SimRewards)}
 
 
 def sim_plan(cfg, gpus: int = 8, nodes: int = 1, shape: dict | None = None):

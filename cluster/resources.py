@@ -21,7 +21,7 @@ class PoolConfig:
     size: int = 1                     # actors in the pool (min size when max_size is set)
     max_size: int | None = None       # autoscale the pool between size and max_size
     batch_size: int = 4               # rows per call
-    num_cpus: float = 1.0
+    num_cpus: float = 1.0             # CPUs Ray reserves for each actor
     num_gpus: float = 0.0             # fractions share a GPU between actors
     accelerator_type: str | None = None  # e.g. "A100" (ray.util.accelerators names)
     resources: dict[str, float] = field(default_factory=dict)  # custom node resources
@@ -52,13 +52,13 @@ class PoolConfig:
 @dataclass
 class WorkersConfig:
     """The Ray Train worker group."""
-    num_workers: int = 2
-    use_gpu: bool = False
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
-    accelerator_type: str | None = None
-    resources: dict[str, float] = field(default_factory=dict)
-    threads: int = 1
+    num_workers: int = 2              # training processes (data-parallel ranks)
+    use_gpu: bool = False             # one GPU per worker unless num_gpus says otherwise
+    num_cpus: float = 1.0             # CPUs Ray reserves for each worker
+    num_gpus: float = 0.0             # GPUs per worker (with use_gpu)
+    accelerator_type: str | None = None  # e.g. "A100" (ray.util.accelerators names)
+    resources: dict[str, float] = field(default_factory=dict)  # custom node resources each worker needs
+    threads: int = 1                  # torch threads inside each worker
 
     def validate(self, name: str) -> list[Problem]:
         errs = []
@@ -74,8 +74,8 @@ class ClusterShape:
     """The cluster a config is meant for (`cluster:` in a run config). When given, pools that can never all be
     placed at once are an error at load: Ray Data starts every pool of the chain together, and a pool that finds
     no room waits forever."""
-    nodes: int = 1
-    gpus_per_node: float = 0.0
+    nodes: int = 1                    # nodes of this shape
+    gpus_per_node: float = 0.0        # GPUs each node offers
     resources: dict[str, float] = field(default_factory=dict)   # custom resources each node offers
 
     def placement_problems(self, pools: dict[str, PoolConfig]) -> list[Problem]:

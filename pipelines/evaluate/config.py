@@ -10,15 +10,16 @@ from actors.common.objects import POPE_STRATEGIES as STRATEGIES
 @dataclass
 class WorldEvalConfig:
     world: str = "shapes"              # shapes | generated (the run's prompt generator and image stage)
-    num_images: int = 60
+    num_images: int = 60               # held-out images asked about
     seed: int | None = None            # default: prompts.seed (the "eval" namespace keeps it held out)
     # test: the held-out images results are reported on; validation: other held-out images, for choosing
     # settings without looking at the test images.
     split: str = "test"
+    # POPE's ways of drawing absent objects: random, popular, adversarial.
     strategies: list[str] = field(default_factory=lambda: list(STRATEGIES))
     questions_per_image: int = 3       # POPE's 3 present + 3 absent objects per image and strategy
-    caption_tokens: int = 40
-    batch_size: int = 32
+    caption_tokens: int = 40           # longest caption, in tokens (for CHAIR)
+    batch_size: int = 32               # questions per generate call
     model: str | None = None           # default: train.model
     adapter: str | None = None         # default: <output_dir>/train/adapter
 

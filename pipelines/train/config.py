@@ -54,9 +54,10 @@ SET_BY_US = {
 
 @dataclass
 class LoraConfig:
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
+    r: int = 8                        # LoRA rank (the paper: 128)
+    alpha: int = 16                   # LoRA alpha (the paper: 256)
+    dropout: float = 0.05             # LoRA dropout
+    # Module names LoRA wraps.
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     # Where target_modules apply: "language_model" (as LLaVA's DPO code: the vision tower stays frozen; PEFT
     # alone matches name suffixes, and the CLIP tower has q_proj/k_proj/v_proj too) or "all".
@@ -86,20 +87,20 @@ class TrainConfig:
     # Continue this PEFT adapter instead of a fresh LoRA (a later round of `rounds: N` sets it to the round
     # before's). The DPO reference is then the model with that adapter as it starts ("previous") or the base.
     init_adapter: str | None = None
-    reference: str = "previous"
+    reference: str = "previous"        # previous | base: the DPO reference when init_adapter is set (above)
     lora: LoraConfig = field(default_factory=LoraConfig)
-    beta: float = 0.1
-    loss_type: str = "sigmoid"
+    beta: float = 0.1                 # DPO's beta: how far the policy may move from the reference
+    loss_type: str = "sigmoid"         # TRL's DPO loss; sigmoid is the paper's
     # > 0 adds the NLL of the chosen answers with this weight (RPO, Pang et al. 2024). DPO alone may lower the
     # likelihood of chosen and rejected alike; on one-word answers the mass then drifts to junk tokens.
     sft_weight: float = 0.0
-    learning_rate: float = 1e-5
-    lr_scheduler_type: str = "cosine"
-    warmup_ratio: float = 0.03
-    num_train_epochs: float = 2.0
-    max_steps: int = -1
-    per_device_batch_size: int = 1
-    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-5       # of the LoRA weights
+    lr_scheduler_type: str = "cosine"  # transformers' scheduler names
+    warmup_ratio: float = 0.03        # share of the steps the learning rate warms up over
+    num_train_epochs: float = 2.0     # passes over the pairs
+    max_steps: int = -1               # > 0: stop after this many optimizer steps (overrides epochs)
+    per_device_batch_size: int = 1    # pairs per worker per forward pass
+    gradient_accumulation_steps: int = 1  # forward passes per optimizer step (see global_batch_size)
     # The recipe's global batch (pairs per optimizer step), kept whatever the worker count: accumulation is
     # global / (per_device_batch_size x workers). None: per_device x accumulation x workers.
     global_batch_size: int | None = None
@@ -107,23 +108,23 @@ class TrainConfig:
     # does with mm_projector_lr; None keeps it frozen.
     projector_lr: float | None = None
     deepspeed: str | None = None      # e.g. configs/deepspeed/zero2.json
-    bf16: bool = False
-    save_steps: int = 50
-    logging_steps: int = 1
-    num_to_keep: int = 2
+    bf16: bool = False                # bfloat16 mixed precision (GPU; CPUs with bf16 support)
+    save_steps: int = 50              # checkpoint every this many steps: what a lost worker costs to redo
+    logging_steps: int = 1            # metrics every this many steps
+    num_to_keep: int = 2              # checkpoints Ray Train keeps
     # Restarts of the worker group from the latest checkpoint after a worker or its node is lost (-1: forever).
     max_failures: int = 3
-    merge_adapter: bool = False
-    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
-    seed: int = 0
+    merge_adapter: bool = False       # also save the base with the adapter merged in (train/merged)
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard, wandb, mlflow or none
+    seed: int = 0                     # data order and LoRA initialisation
     workers: WorkersConfig = field(default_factory=WorkersConfig)
     # Rows whose prompt (image tokens included) plus the longer answer exceed this many tokens are dropped and
     # counted, never truncated: truncation can cut image tokens. None keeps every row.
     max_length: int | None = None
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool = True  # recompute activations in the backward pass: less memory, more time
     optim: str = "adamw_torch"        # torch AdamW: DeepSpeed's fused/CPU Adam compile for minutes on first use
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0         # AdamW's
+    max_grad_norm: float = 1.0        # gradient clipping
     # Any other field of TRL's DPOConfig, handed to it as is (checked against its fields on load), e.g.
     # `{loss_type: [sigmoid, bco_pair], loss_weights: [1.0, 0.5]}`; not the fields above or SET_BY_US.
     dpo: dict[str, Any] = field(default_factory=dict)
