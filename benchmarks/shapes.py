@@ -13,6 +13,9 @@ target (`rounds_verdict`, which decides the exit code there) and the one-round t
 A seed's minutes count its base's recorded build (`pretrain.json`), also when the base was cached.
 
     python -m benchmarks.shapes --reread runs/shapes-bench/bench.json   # verdicts of a saved run, no Ray
+    python -m benchmarks.shapes --grid --seeds 0 --fidelity 0.8         # reward source x fidelity x selection
+
+`--grid` runs the fidelity grid (benchmarks/grid.py); `--reread` of its grid.json prints the grid's table.
 """
 from __future__ import annotations
 
@@ -28,7 +31,11 @@ TARGETS = {"pope_gain_points": 5.0, "chair_i_relative_drop": 0.30, "run_minutes"
 ROUNDS_TARGETS = {"pope_gain_points": 2.0, "run_minutes": 25.0}
 
 
-def run_seed(config: str, seed: int, out: Path, models: Path, overrides: list[str], log=print) -> dict:
+def run_seed(config: str, seed: int, out: Path, models: Path, overrides: list[str], log=print,
+             swap: dict | None = None) -> dict:
+    """One seed's run; `swap`: stage stand-ins by pool key (the fidelity grid's oracle selection)."""
+    import dataclasses
+
     from pipelines.config import load_config
     from pipelines.evaluate.world import run_world_eval
     from pipelines.generate.job import prepare, run_generate
@@ -46,11 +53,12 @@ def run_seed(config: str, seed: int, out: Path, models: Path, overrides: list[st
     t1 = time.time()
     if cfg.rounds > 1:
         return _run_rounds(cfg, seed, pretrain, built_s, t1, log)
-    manifest = run_generate(cfg, overwrite=True, prepared=prepare(cfg, overwrite=True))
+    manifest = run_generate(cfg, overwrite=True, prepared=prepare(cfg, overwrite=True), swap=swap)
     t2 = time.time()
     train = run_train(cfg.train, None, cfg.output_dir, resume=False)
     t3 = time.time()
-    summary = run_world_eval(cfg, log=log)
+    # Held-out images are true renders whatever the run's images.fidelity: the eval asks about the prompt's objects.
+    summary = run_world_eval(dataclasses.replace(cfg, images=dataclasses.replace(cfg.images, fidelity=1.0)), log=log)
     t4 = time.time()
     return {"seed": seed, "base": summary["base"], "adapter": summary["adapter"], "pairs": manifest["counts"]["pairs"],
             "train_steps": train["steps"], "base_val_yes_no": pretrain["val_yes_no_accuracy"],
@@ -183,6 +191,20 @@ def write_bench(out: Path, rows: list[dict], args) -> None:
         "pending": [s for s in args.seeds if s not in done]}, indent=2))
 
 
+def connect_quiet() -> None:
+    """A local Ray of its own, quiet: the workers' per-step logs would bury the table. Its workers inherit the
+    environment, so the repo on PYTHONPATH lets them import benchmarks/ stand-ins."""
+    import ray
+
+    from cluster.connect import connect
+    repo = str(Path(__file__).resolve().parents[1])
+    os.environ["PYTHONPATH"] = os.pathsep.join([repo] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    t = time.time()
+    connect(dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    print(f"ray: started in {time.time() - t:.0f} s (once for all seeds)", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.shapes", description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -191,19 +213,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default=".synthalign/shapes-bench", help="pretrained bases, one folder per seed")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--reread", metavar="BENCH_JSON", help="print the verdicts of a saved run's rows with this code")
+    g = p.add_argument_group("fidelity grid (benchmarks/grid.py)")
+    g.add_argument("--grid", action="store_true", help="reward source x images.fidelity x selection, per seed")
+    g.add_argument("--fidelity", type=float, nargs="+", default=[1.0, 0.8, 0.6])
+    g.add_argument("--sources", nargs="+", default=["oracle", "prompt", "judge"],
+                   choices=["oracle", "prompt", "judge"])
+    g.add_argument("--selection", nargs="+", default=["none", "judge"], choices=["none", "judge"])
     args = p.parse_args(argv)
+    if args.grid and args.out == p.get_default("out"):
+        args.out = "runs/shapes-grid"
     if args.reread:
-        text, met = report(json.loads(Path(args.reread).read_text())["rows"])
+        rows = json.loads(Path(args.reread).read_text())["rows"]
+        if rows and "cell" in rows[0]:   # a grid.json
+            from benchmarks.grid import grid_report
+            text, met = grid_report(rows)
+        else:
+            text, met = report(rows)
         print(text)
         return 0 if met else 1
-    import ray
-
-    from cluster.connect import connect
-    t = time.time()
-    # A local Ray of its own, quiet: the workers' per-step logs would bury the table.
-    connect(dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    print(f"ray: started in {time.time() - t:.0f} s (once for all seeds)", flush=True)
+    if args.grid:
+        from benchmarks.grid import main_grid
+        return main_grid(args, run_seed, connect_quiet)
+    connect_quiet()
     out = Path(args.out)
     rows = []
     for seed in args.seeds:

@@ -233,6 +233,18 @@ def pretrain(model, processor, seed: int, spec: dict = SPEC, log=print, *, guard
     return stats
 
 
+# The shapes world's VLM judge (selection.scorer: judge, rewards.judge_model): the same recipe trained past the
+# base's deliberate early stop, so it sees what the policy still hallucinates. Seed-independent: one teacher
+# serves every bench seed, its SFT stream apart from theirs.
+TEACHER_SPEC = {"steps": 1600, "stop_at_yes_no": 0.95, "check_every": 50}
+TEACHER_SEED = 100
+
+
+def make_shapes_judge(out_dir: str | Path, log=print) -> Path:
+    """Build (or reuse) the shapes teacher under out_dir/llava (`make_shapes_base` with `TEACHER_SPEC`)."""
+    return make_shapes_base(out_dir, seed=TEACHER_SEED, spec=TEACHER_SPEC, log=log)
+
+
 def guard_problems(stats: dict, guard: dict = GUARD) -> list[str]:
     """Why a build (its pretrain.json) is not an acceptable base: a collapse left in place, or near chance."""
     problems = []
