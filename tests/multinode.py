@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.nodes import session_pids
+
 BIN = Path(sys.executable).parent
 CLEAN = ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS",
          "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3")
@@ -38,20 +40,6 @@ def free_ports(n: int) -> list[int]:
         s.close()
     assert not any(10002 <= p <= 19999 for p in ports), ports  # Ray refuses ports inside its worker range
     return ports
-
-
-def session_pids(sid: int) -> list[int]:
-    """Processes of session `sid`; Ray's own children may sit in other process groups of that session."""
-    pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[3]) == sid and fields[0] != "Z":  # state ppid pgrp session; zombies are gone
-                pids.append(int(d.name))
-    return pids
 
 
 def stop_group(proc: subprocess.Popen, grace: float = 20) -> None:

@@ -3,11 +3,8 @@ openai backend against a real HTTP server started here (answering with fixed wel
 request's topic)."""
 from __future__ import annotations
 
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
 import pytest
+from chat_server import ChatServer, chat_answer
 
 from actors.common.errors import InputError
 from actors.prompt_writer import (
@@ -73,52 +70,30 @@ def test_writer_config_problems():
     assert [p.key for p in WriterConfig(model="m", dedup_threshold=0).validate()] == ["prompts.writer.dedup_threshold"]
 
 
-class _Server:
-    """POST /v1/chat/completions: the topic's objects as three well-formed lines; records each request."""
-
-    def __init__(self, status: int = 200):
-        self.requests, self.status = [], status
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.requests.append((self.path, self.headers.get("Authorization"), body))
-                topic = body["messages"][0]["content"].split("Topic: ", 1)[1].split("\n", 1)[0]
-                objects = topic.rsplit(" in ", 1)[0].rsplit(" on ", 1)[0].rsplit(" at ", 1)[0]
-                text = f"Description: a photo of {topic}\nObjects: {objects}\nQuestion: What is in the image?"
-                data = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
-                self.send_response(outer.status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+def written(body) -> tuple[int, dict]:
+    """The topic's objects as three well-formed lines."""
+    topic = body["messages"][0]["content"].split("Topic: ", 1)[1].split("\n", 1)[0]
+    objects = topic.rsplit(" in ", 1)[0].rsplit(" on ", 1)[0].rsplit(" at ", 1)[0]
+    return 200, chat_answer(f"Description: a photo of {topic}\nObjects: {objects}\nQuestion: What is in the image?")
 
 
 def test_openai_backend_against_a_real_server(coco_vocab, monkeypatch):
     import pyarrow as pa
-    server = _Server()
+    server = ChatServer(written)
     monkeypatch.setenv("WRITER_KEY", "sk-test")
     try:
-        writer = PromptWriter(WriterConfig(backend="openai", model="writer-x", api_base=server.url,
+        writer = PromptWriter(WriterConfig(backend="openai", model="writer-x", api_base=server.url + "/v1",
                                            api_key_env="WRITER_KEY", temperature=0.5, max_new_tokens=40))
         topics = [topic_of(0, "", i, 3, None) for i in range(4)]
         out = writer(pa.table({"prompt_id": [f"l0-{i}" for i in range(4)], "topic": topics}))
     finally:
-        server.httpd.shutdown()
+        server.close()
     assert out.column_names == ["prompt_id", "topic", "text"]
     assert len(server.requests) == 4
-    path, auth, body = server.requests[0]
-    assert (path, auth, body["model"], body["temperature"], body["max_tokens"]) == (
+    first = server.requests[0]
+    assert (first["path"], first["auth"], first["model"], first["temperature"], first["max_tokens"]) == (
         "/v1/chat/completions", "Bearer sk-test", "writer-x", 0.5, 40)
-    assert len({b["seed"] for _, _, b in server.requests}) == 4   # sampling seeded per row
+    assert len({r["seed"] for r in server.requests}) == 4   # sampling seeded per row
     for topic, text in zip(topics, out.column("text").to_pylist()):
         fields, reason = parse_written(text, coco_vocab)
         assert reason is None
@@ -127,12 +102,12 @@ def test_openai_backend_against_a_real_server(coco_vocab, monkeypatch):
 
 
 def test_openai_backend_refusal_is_one_line():
-    server = _Server(status=401)
+    server = ChatServer(lambda body: (401, {"error": {"message": "bad key"}}))
     try:
-        writer = PromptWriter(WriterConfig(backend="openai", model="m", api_base=server.url + "/chat/completions"))
+        writer = PromptWriter(WriterConfig(backend="openai", model="m", api_base=server.url + "/v1/chat/completions"))
         with pytest.raises(InputError, match="refused the request \\(HTTP 401") as e:
             writer.write("l0-0", "dog in a park")
     finally:
-        server.httpd.shutdown()
+        server.close()
     assert "\n" not in str(e.value) and "prompts.writer" in str(e.value)
     assert len(server.requests) == 1   # a refusal is not retried

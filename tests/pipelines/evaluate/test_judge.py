@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from chat_server import ChatServer, chat_answer
 
 from actors.common.errors import InputError
 from pipelines.evaluate.judge import (
@@ -49,51 +48,31 @@ def mmhal_set(tmp_path_factory):
     return root
 
 
-class JudgeServer:
-    """An OpenAI-style chat completions server on 127.0.0.1: rates by the question in the prompt."""
+class JudgeServer(ChatServer):
+    """Rates by the question in the prompt; `fail` requests first answer 503, mode "401" refuses, "slow" waits."""
 
     def __init__(self):
-        self.requests, self.fail, self.mode = [], 0, "ok"
-        state = self
+        self.fail, self.mode = 0, "ok"
+        super().__init__(self.reply)
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                state.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), **body})
-                if state.fail > 0:
-                    state.fail -= 1
-                    return self._send(503, {"error": "overloaded"})
-                if state.mode == "401":
-                    return self._send(401, {"error": {"message": "bad key"}})
-                if state.mode == "slow":
-                    time.sleep(1.0)
-                prompt = body["messages"][0]["content"]
-                question = prompt.split("### Question\n", 1)[1].split("\n", 1)[0]
-                text = f"The response is plausible.\nRating: {RATINGS.get(question, 0)}"
-                self._send(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]})
-
-            def _send(self, code, obj):
-                data = json.dumps(obj).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    def reply(self, body):
+        if self.fail > 0:
+            self.fail -= 1
+            return 503, {"error": "overloaded"}
+        if self.mode == "401":
+            return 401, {"error": {"message": "bad key"}}
+        if self.mode == "slow":
+            time.sleep(1.0)
+        prompt = body["messages"][0]["content"]
+        question = prompt.split("### Question\n", 1)[1].split("\n", 1)[0]
+        return 200, chat_answer(f"The response is plausible.\nRating: {RATINGS.get(question, 0)}")
 
 
 @pytest.fixture
 def judge_server():
     server = JudgeServer()
     yield server
-    server.httpd.shutdown()
-    server.httpd.server_close()
+    server.close()
 
 
 def test_eval_mmhal_with_http_judge(mmhal_set, judge_server, tiny_models, ray_local, tmp_path, monkeypatch, capsys):
