@@ -8,14 +8,11 @@ sampling seeded by the row), so a rewrite gives the same prompts.
 """
 from __future__ import annotations
 
-import json
 import re
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 
-from actors.common.errors import InputError, Problem
+from actors.common.chat import chat_completion, endpoint
+from actors.common.errors import Problem
 from actors.common.seeds import stable_seed
 
 WRITER_FORMAT = (
@@ -27,7 +24,6 @@ WRITER_FORMAT = (
     "Question: <one question about the image>\n"
 )
 FIELDS = ("description", "objects", "question")
-RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}   # worth another try; other 4xx are the caller's mistake
 
 
 @dataclass
@@ -112,37 +108,6 @@ def near_duplicates(rows: list[dict], threshold: float, key: str = "image_prompt
     return dropped
 
 
-def chat_completion(url: str, body: dict, api_key: str | None, timeout: float = 120.0, retries: int = 4,
-                    backoff: float = 2.0) -> str:
-    """POST an OpenAI chat completion; bounded retries with backoff on transient failures."""
-    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
-    reason = ""
-    for attempt in range(retries + 1):
-        if attempt:
-            time.sleep(min(30.0, backoff * 2 ** (attempt - 1)))
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                return json.loads(resp.read())["choices"][0]["message"]["content"] or ""
-        except urllib.error.HTTPError as e:
-            reason = f"HTTP {e.code} {e.reason}"
-            if e.code not in RETRY_STATUS:   # a wrong key or model name will not heal by retrying
-                raise InputError(f"prompt writer refused the request ({reason})", field="prompts.writer") from None
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-            reason = str(getattr(e, "reason", None) or e)
-        except (ValueError, KeyError, IndexError, TypeError):
-            raise InputError(f"{url} did not answer as an OpenAI chat completion", field="prompts.writer.api_base"
-                             ) from None
-    raise InputError(f"prompt writer at {url} failed {retries + 1} times, last: {reason}", field="prompts.writer")
-
-
-def endpoint(api_base: str) -> str:
-    base = api_base.rstrip("/")
-    if base.endswith("/chat/completions"):
-        return base
-    return base + ("/chat/completions" if base.endswith("/v1") else "/v1/chat/completions")
-
-
 class PromptWriter:
     """Ray Data stage: one writer answer per topic row (`text`); parsing and dedup happen on the driver, which
     sees the whole set."""
@@ -168,7 +133,7 @@ class PromptWriter:
         if self.cfg.backend == "openai":
             body = {"model": self.cfg.model, "messages": [{"role": "user", "content": text}],
                     "temperature": self.cfg.temperature, "max_tokens": self.cfg.max_new_tokens, "seed": seed}
-            return chat_completion(self.url, body, self.key)
+            return chat_completion(self.url, body, self.key, who="prompt writer", field="prompts.writer")
         tok = self.tok
         if tok.chat_template:
             text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,

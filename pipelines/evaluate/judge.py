@@ -8,16 +8,13 @@ the driver, so a local judge never shares memory with the answering pool.
 """
 from __future__ import annotations
 
-import http.client
 import json
 import os
-import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlparse
 
+from actors.common.chat import chat_completion, endpoint
 from actors.common.errors import InputError
 from actors.common.files import looks_local
 from cluster.resources import PoolConfig
@@ -31,7 +28,6 @@ from pipelines.evaluate.mmhal import (
 
 DEFAULT_JUDGE_MODEL = "gpt-4-0314"   # what the official eval_gpt4.py asked for
 DEFAULT_KEY_ENV = "OPENAI_API_KEY"
-RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}   # worth another try; other 4xx are the caller's mistake
 
 
 class HttpJudge:
@@ -40,10 +36,7 @@ class HttpJudge:
     def __init__(self, base_url: str, model: str = DEFAULT_JUDGE_MODEL, api_key: str | None = None,
                  timeout: float = 120.0, retries: int = 4, backoff: float = 2.0, workers: int = 4,
                  max_tokens: int | None = None):
-        base = base_url.rstrip("/")
-        if not base.endswith("/chat/completions"):
-            base += "/chat/completions" if base.endswith("/v1") else "/v1/chat/completions"
-        self.url, self.model, self.api_key = base, model, api_key
+        self.url, self.model, self.api_key = endpoint(base_url), model, api_key
         self.timeout, self.retries, self.backoff, self.workers = timeout, retries, backoff, workers
         self.max_tokens = max_tokens
 
@@ -51,29 +44,8 @@ class HttpJudge:
         body = {"model": self.model, "messages": [{"role": "user", "content": prompt}], "temperature": 0.0}
         if self.max_tokens:
             body["max_tokens"] = self.max_tokens
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        req = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers, method="POST")
-        reason = ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(min(30.0, self.backoff * 2 ** (attempt - 1)))
-            try:
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                    data = json.loads(resp.read())
-                return data["choices"][0]["message"]["content"] or ""
-            except urllib.error.HTTPError as e:
-                detail = e.read()[:200].decode(errors="replace").strip()
-                reason = f"HTTP {e.code} {e.reason}" + (f": {detail}" if detail else "")
-                if e.code not in RETRY_STATUS:   # a wrong key or model name will not heal by retrying
-                    raise InputError(f"judge refused the request ({reason})", field="--judge") from None
-            except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as e:
-                reason = str(getattr(e, "reason", None) or e)
-            except (json.JSONDecodeError, KeyError, IndexError, TypeError):
-                raise InputError(f"judge at {self.url} did not answer as an OpenAI chat completion",
-                                 field="--judge") from None
-        raise InputError(f"judge at {self.url} failed {self.retries + 1} times, last: {reason}", field="--judge")
+        return chat_completion(self.url, body, self.api_key, who="judge", field="--judge", timeout=self.timeout,
+                               retries=self.retries, backoff=self.backoff)
 
     def __call__(self, prompts: list[str]) -> list[str]:
         with ThreadPoolExecutor(max_workers=max(1, self.workers)) as pool:
