@@ -42,3 +42,12 @@ class RunLayout:
 
     def round_dir(self, r: int) -> Location:
         return self.root / "rounds" / str(r)
+
+    def round_of(self) -> tuple[RunLayout, int] | None:
+        """(the run, r) when this folder is that run's `round_dir(r)`, else None."""
+        root = self.root
+        if root.name.isdigit() and root.parent.name == "rounds":
+            top = RunLayout(root.parent.parent.uri)
+            if top.round_dir(int(root.name)) == root:
+                return top, int(root.name)
+        return None

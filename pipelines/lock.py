@@ -125,8 +125,8 @@ def is_held(root) -> bool:
     """Whether a live run holds the folder: its flock (locally) or an unexpired lease (object storage). A round
     folder (`<run>/rounds/<n>`) is held by the run holding `<run>`."""
     layout = RunLayout(root)
-    parts = layout.root.uri.rstrip("/").rsplit("/", 2)
-    if len(parts) == 3 and parts[1] == "rounds" and parts[2].isdigit() and is_held(parts[0]):
+    found = layout.round_of()
+    if found and is_held(found[0].root.uri):
         return True
     if layout.root.remote:
         lease = _parse(layout.lease_path.read_bytes()) if layout.lease_path.exists() else {}

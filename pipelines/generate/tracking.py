@@ -68,12 +68,8 @@ def histograms(layout: RunLayout) -> dict:
 
 def round_number(layout: RunLayout) -> int:
     """r for a round folder `<top>/rounds/<r>` (the layout's round_dir), else 0."""
-    root = layout.root
-    if root.name.isdigit() and root.parent.name == "rounds":
-        r = int(root.name)
-        if RunLayout(root.parent.parent.uri).round_dir(r) == root:
-            return r
-    return 0
+    found = layout.round_of()
+    return found[1] if found else 0
 
 
 def _tensorboard(layout: RunLayout, values: dict, hists: dict, step: int) -> None:
